@@ -1,0 +1,56 @@
+"""`zeus` command line. Each subcommand lives in `zeus_ray/commands/<name>.py` and exposes
+`register(subparsers)`; handlers return an exit status. User errors (ZeusError) print one line
+and exit 2; --debug shows the traceback."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import ZeusError
+
+# Subcommand modules, in the order `zeus --help` lists them. A module that is absent (a stage
+# not built yet) is skipped, so the CLI works at every stage of the project.
+COMMANDS = ["run", "tiles", "models", "prompts", "evaluate", "report", "config"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeus", description="Zero-shot WSI tumour segmentation on Ray")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"zeus_ray.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"zeus_ray.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set tiling.overlap=0.5 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except ZeusError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
