@@ -61,8 +61,12 @@ def _redact(text: str) -> str:
     return text
 
 
-def _cause(err: BaseException) -> str:
+def _cause(err: BaseException, protocol: str | None = None) -> str:
     """One line saying why a remote call failed, without credentials."""
+    # fsspec's HTTP backend reports an unreachable server as FileNotFoundError: look at its cause.
+    inner = err.__cause__ or err.__context__
+    if isinstance(err, FileNotFoundError) and inner is not None and "connect" in type(inner).__name__.lower():
+        err = inner
     name = type(err).__name__
     msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if isinstance(err, FileNotFoundError):
@@ -72,7 +76,8 @@ def _cause(err: BaseException) -> str:
     elif "credential" in name.lower() or "credential" in msg.lower():
         hint = "no usable credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
     elif any(k in (name + msg).lower() for k in ("connect", "timeout", "timed out", "unreachable", "resolve")):
-        hint = "cannot reach the endpoint (check AWS_ENDPOINT_URL / the network)"
+        hint = ("cannot reach the endpoint (check AWS_ENDPOINT_URL and the network)" if protocol in ("s3", "s3a")
+                else "cannot reach the server (check the address and the network)")
     else:
         hint = name
     return _redact(f"{hint} ({name}: {msg})" if msg and hint != name else f"{hint}: {msg}" if msg else hint)
@@ -91,7 +96,6 @@ def _filesystem(uri: str):
             options["client_kwargs"] = {"endpoint_url": endpoint}
         # Fail fast on an unreachable endpoint instead of botocore's long retry loop.
         options["config_kwargs"] = {"connect_timeout": 10, "retries": {"max_attempts": 2}}
-        options["retries"] = 2
     return fsspec.core.url_to_fs(uri, **options)
 
 
@@ -155,15 +159,16 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
     cfg = cache_cfg or CacheConfig()
     try:
         fs, rpath = _filesystem(uri)
-    except (ImportError, ValueError) as e:
-        raise SlideError(sid, f"cannot open {safe_uri}: {_redact(str(e).splitlines()[0])} "
-                         f"(protocol {protocol!r} needs its fsspec package, e.g. s3fs, gcsfs)",
-                         reason="remote") from None
+    except ImportError as e:  # fsspec knows the protocol; its backend package is missing
+        raise SlideError(sid, f"cannot open {safe_uri}: {str(e).splitlines()[0]}", reason="remote") from None
+    except ValueError:
+        raise SlideError(sid, f"cannot open {safe_uri}: unknown protocol {protocol!r} (use a local path, "
+                         "s3://, gs://, http(s):// or another fsspec protocol)", reason="remote") from None
     try:
         fs.invalidate_cache(rpath)
         info = fs.info(rpath)
     except Exception as e:  # noqa: BLE001 - any backend error becomes one clear line
-        raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e)}", reason="remote") from None
+        raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e, protocol)}", reason="remote") from None
     is_dir = info.get("type") == "directory"
     ident = _identity(info)
     key = hashlib.sha256(json.dumps([uri, ident], sort_keys=True).encode()).hexdigest()[:32]
@@ -198,7 +203,7 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
                 os.replace(tmp, entry)
             except Exception as e:  # noqa: BLE001
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e)}", reason="remote") from None
+                raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e, protocol)}", reason="remote") from None
             log.info("slide cache: fetched %s (%.1f MB, %.1f s)", safe_uri,
                      _dir_size(entry) / 1e6, time.monotonic() - t0)
         os.utime(entry)  # LRU: touch on use

@@ -41,3 +41,77 @@ class Encoder(ABC):
     @abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Prompts → float32 (N, D), each row L2-normalised."""
+
+
+class TorchEncoder(Encoder):
+    """The shared torch machinery behind every registered model: tiles go to the device as uint8,
+    are preprocessed there (`Preprocessor`), run in batches under inference_mode (with autocast
+    when `amp_dtype` is set) and come back as float32 L2-normalised numpy rows.
+
+    `image_fn(pixels) -> (N, D)` and `text_fn(texts, device) -> (N, D)` are the model-specific
+    parts (tokenising included); `module` is the nn.Module that owns the parameters.
+    """
+
+    def __init__(self, spec: ModelSpec, module, image_fn, text_fn, *, device, amp_dtype,
+                 batch_size: int, model_key: str, logit_scale: float, text_amp: bool = False):
+        import torch
+
+        from .preprocess import Preprocessor
+        self.spec = spec
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.batch_size = int(batch_size)
+        self.model_key = model_key
+        self.logit_scale = float(min(logit_scale, 100.0))  # CLIP clamps exp(scale) at 100
+        self.module = module.eval().to(self.device)
+        self.module.requires_grad_(False)
+        self.preprocess = Preprocessor(spec, self.device)
+        self._image_fn = image_fn
+        self._text_fn = text_fn
+        # Prompts are few: fp32 by default gives class embeddings that do not depend on the
+        # image dtype.
+        self._text_amp = text_amp
+
+    def _autocast(self, enabled: bool = True):
+        import torch
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=enabled and self.amp_dtype is not None)
+
+    def encode_images(self, tiles: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        from .preprocess import as_uint8_batch
+        tiles = as_uint8_batch(tiles, self.spec.id)
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(tiles), self.batch_size):
+                x = torch.from_numpy(tiles[i:i + self.batch_size]).to(self.device, non_blocking=True)
+                emb = self._image_fn(self.preprocess(x))
+                out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.spec.embed_dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            from ..errors import ZeusError
+            raise ZeusError(f"model {self.spec.id!r}: encode_texts needs a list of strings")
+        out = []
+        with torch.inference_mode(), self._autocast(self._text_amp):
+            for i in range(0, len(texts), self.batch_size):
+                emb = self._text_fn(texts[i:i + self.batch_size], self.device)
+                out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.spec.embed_dim), np.float32)
+
+    def warmup(self, calls: int = 2, batch: int = 1) -> None:
+        """CPU bf16 autocast is slow for its first calls (oneDNN primitive set-up, DESIGN §5)."""
+        size = self.spec.input_size
+        for _ in range(calls):
+            self.encode_images(np.zeros((batch, size, size, 3), np.uint8))
+
+    def __repr__(self) -> str:
+        dtype = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "float32"
+        return f"<{type(self).__name__} {self.model_key} on {self.device} {dtype} batch {self.batch_size}>"

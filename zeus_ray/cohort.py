@@ -1,0 +1,46 @@
+"""Cohort outputs of a run: the slide results table, the errors table, the paper's tables."""
+from __future__ import annotations
+
+import io
+import logging
+
+import pandas as pd
+import pyarrow as pa
+
+from .store import OutputStore
+
+log = logging.getLogger(__name__)
+
+ERROR_STATUSES = ("failed", "no_tissue")
+
+
+def cohort_dir(store: OutputStore, prompt_key: str) -> str:
+    return store.path("cohort", prompt_key)
+
+
+def write_cohort_outputs(store: OutputStore, summary, cfg, prompt_set) -> str:
+    out = cohort_dir(store, summary.prompt_key)
+    df = pd.DataFrame(summary.rows).sort_values("slide_id").reset_index(drop=True)
+    for col in ("dataset", "center", "error"):
+        if col in df:
+            df[col] = df[col].astype("string")
+    store.write_parquet(f"{out}/slides.parquet", pa.Table.from_pandas(df, preserve_index=False))
+    store.write_bytes(f"{out}/slides.csv", df.to_csv(index=False).encode())
+    errors = df[df["status"].isin(ERROR_STATUSES)][["slide_id", "status", "error"]]
+    store.write_bytes(f"{out}/errors.csv", errors.to_csv(index=False).encode())
+    store.write_parquet(f"{out}/errors.parquet", pa.Table.from_pandas(errors.reset_index(drop=True), preserve_index=False))
+    store.write_json(f"{out}/run.json", {
+        "config": cfg.model_dump(), "prompt_key": summary.prompt_key, "prompt_file": cfg.prompts.file,
+        "classes": prompt_set.class_names, "summary": summary.line()})
+    _write_tables(store, out, df, cfg)
+    return out
+
+
+def _write_tables(store: OutputStore, out: str, df: pd.DataFrame, cfg) -> None:
+    """Table 1 / Table 2 layouts from per-slide metrics, when any slide has ground truth."""
+    if "dice" not in df or df["dice"].notna().sum() == 0:
+        return
+    from .metrics import cohort_tables, write_tables
+    ok = df[df["status"] == "ok"].copy()
+    ok["model"] = cfg.model.id
+    write_tables(cohort_tables(ok), store.uri(out))

@@ -1,0 +1,158 @@
+"""Per-slide reduce (no Ray): embeddings → similarities → overlap-averaged maps → mask → outputs.
+
+Runs as one Ray task per slide (pipeline.py), reading only that slide's rows: no global shuffle.
+Everything is written under the slide's result folder, marker last (store.OutputStore).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from .rasterise import argmax_mask, average_maps, cell_geometry, grid_shape, resample_mask_to_grid, softmax_maps
+from .store import OutputStore
+from .tiling import GRID_METADATA_KEY, TileGrid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Keys:
+    tiling_key: str      # tiling + tissue parameters (the slide's fingerprint is in its tiles marker)
+    model_key: str
+    prompt_key: str
+    tiles_dir: str
+    emb_dir: str
+    res_dir: str
+
+
+def embedding_table(slide_id: str, tiles: pa.Table, emb: np.ndarray, keys: Keys, dtype: str) -> pa.Table:
+    """Embeddings contract: slide_id, tile_id, grid_row, grid_col, embedding (fixed-size list)."""
+    n, d = emb.shape
+    values = pa.array(emb.astype(dtype).ravel())
+    return pa.table({
+        "slide_id": pa.array([slide_id] * n, pa.string()),
+        "tile_id": tiles["tile_id"], "grid_row": tiles["grid_row"], "grid_col": tiles["grid_col"],
+        "embedding": pa.FixedSizeListArray.from_arrays(values, d),
+        "tiling_key": pa.array([keys.tiling_key] * n, pa.string()),
+        "model_key": pa.array([keys.model_key] * n, pa.string()),
+    })
+
+
+def embeddings_from_table(table: pa.Table) -> np.ndarray:
+    col = table["embedding"].combine_chunks()
+    d = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
+
+
+def cosine_scores(emb: np.ndarray, class_matrix: np.ndarray) -> np.ndarray:
+    """Raw cosines (N, C). Matmul first, then divide by the row norms: stored float16 embeddings
+    are renormalised this way without a copy of the (N, D) matrix."""
+    scores = emb @ class_matrix.T
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return (scores / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def similarity_table(slide_id: str, tiles: pa.Table, scores: np.ndarray, class_names: list[str],
+                     keys: Keys) -> pa.Table:
+    n = len(tiles)
+    cols = {"slide_id": pa.array([slide_id] * n, pa.string()), "tile_id": tiles["tile_id"],
+            "grid_row": tiles["grid_row"], "grid_col": tiles["grid_col"]}
+    for i, name in enumerate(class_names):
+        cols[f"sim_{name}"] = pa.array(scores[:, i], pa.float32())
+    cols["prompt_key"] = pa.array([keys.prompt_key] * n, pa.string())
+    cols["model_key"] = pa.array([keys.model_key] * n, pa.string())
+    table = pa.table(cols)
+    return table.replace_schema_metadata({b"zeus.classes": ",".join(class_names).encode()})
+
+
+def _png(arr: np.ndarray, **info) -> bytes:
+    buf = io.BytesIO()
+    from PIL import PngImagePlugin
+    meta = PngImagePlugin.PngInfo()
+    for k, v in info.items():
+        meta.add_text(k, str(v))
+    Image.fromarray(arr).save(buf, format="PNG", pnginfo=meta)
+    return buf.getvalue()
+
+
+def load_tissue_mask(store: OutputStore, tiles_dir: str) -> tuple[np.ndarray, float]:
+    """The tissue mask PNG of the tiles stage and its µm/px (from the file name)."""
+    names = [p for p in store.fs.ls(tiles_dir, detail=False) if re.search(r"tissue_mask_([\d.]+)mpp\.png$", p)]
+    if not names:
+        raise FileNotFoundError(f"no tissue mask in {tiles_dir}")
+    mpp = float(re.search(r"tissue_mask_([\d.]+)mpp\.png$", names[0]).group(1))
+    mask = np.array(Image.open(io.BytesIO(store.read_bytes(names[0]))).convert("L")) > 0
+    return mask, mpp
+
+
+def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[str], tumour_index: int,
+                 class_matrix: np.ndarray, logit_scale: float, embeddings: np.ndarray | None,
+                 tile_ids: np.ndarray | None, embedding_dtype: str = "float16",
+                 evaluation: dict | None = None) -> dict:
+    """Write the slide's embedding table (when new) and its results; return its result row."""
+    t0 = time.perf_counter()
+    sid = entry["slide_id"]
+    tiles = store.read_parquet(f"{keys.tiles_dir}/tiles.parquet")
+    grid = TileGrid.from_json(tiles.schema.metadata[GRID_METADATA_KEY])
+    tiles = tiles.sort_by("tile_id")
+    if embeddings is not None:
+        order = np.argsort(tile_ids)
+        if not np.array_equal(np.asarray(tile_ids)[order], tiles["tile_id"].to_numpy()):
+            raise RuntimeError(f"slide {sid!r}: encoded tiles do not match tiles.parquet")
+        embeddings = embeddings[order]
+        store.write_parquet(f"{keys.emb_dir}/embeddings.parquet",
+                            embedding_table(sid, tiles, embeddings, keys, embedding_dtype))
+        store.commit(keys.emb_dir, {"slide_id": sid, "n_tiles": len(tiles), "tiling_key": keys.tiling_key,
+                                    "model_key": keys.model_key, "source": entry.get("source")})
+    else:
+        table = store.read_parquet(f"{keys.emb_dir}/embeddings.parquet").sort_by("tile_id")
+        embeddings = embeddings_from_table(table)
+    scores = cosine_scores(embeddings, class_matrix)
+    store.write_parquet(f"{keys.res_dir}/similarities.parquet", similarity_table(sid, tiles, scores, class_names, keys))
+
+    geom = cell_geometry(grid.patch_size, grid.stride)
+    shape = grid_shape(grid.n_rows, grid.n_cols, geom)
+    maps, counts = average_maps(tiles["grid_row"].to_numpy(), tiles["grid_col"].to_numpy(), scores, shape, geom)
+    cell_um = geom.cell * grid.target_mpp
+    tissue, tissue_mpp = load_tissue_mask(store, keys.tiles_dir)
+    tissue_cells = resample_mask_to_grid(tissue, tissue_mpp, shape, cell_um)
+    labels = argmax_mask(maps, valid=tissue_cells)
+    tumour = labels == tumour_index
+    cell_mm2 = (cell_um / 1000.0) ** 2
+    probs = softmax_maps(maps, logit_scale)
+
+    res = keys.res_dir
+    store.write_bytes(f"{res}/mask_{cell_um:.2f}mpp.png", _png((tumour * 255).astype(np.uint8),
+                      mpp=cell_um, cell0=geom.cell * grid.target_mpp / grid.mpp0, origin="0,0"))
+    store.write_bytes(f"{res}/labels_{cell_um:.2f}mpp.png", _png((labels + 1).astype(np.uint8),
+                      classes="background," + ",".join(class_names), mpp=cell_um))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, maps=maps, probs=probs, counts=counts, tissue=tissue_cells,
+                        cell_um=cell_um, cell0=geom.cell * grid.target_mpp / grid.mpp0,
+                        classes=np.array(class_names))
+    store.write_bytes(f"{res}/maps.npz", buf.getvalue())
+    row = {
+        "slide_id": sid, "status": "ok", "error": None, "n_tiles": int(len(tiles)),
+        "dataset": entry.get("dataset"), "center": entry.get("center"),
+        "tissue_area_mm2": float(tissue_cells.sum() * cell_mm2),
+        "tumour_area_mm2": float(tumour.sum() * cell_mm2),
+        "mask_mpp": cell_um, "results_uri": store.uri(res),
+        "model_key": keys.model_key, "prompt_key": keys.prompt_key, "tiling_key": keys.tiling_key,
+        "source": entry.get("source"),
+    }
+    from . import slide_outputs  # viewer outputs and metrics (#5) kept apart from the core reduce
+    row.update(slide_outputs.write_outputs(store, entry, res, tumour=tumour, tissue=tissue_cells, maps=maps,
+                                           probs=probs, class_names=class_names, tumour_index=tumour_index,
+                                           grid=grid, cell_um=cell_um, tiles_dir=keys.tiles_dir,
+                                           evaluation=evaluation))
+    row["reduce_seconds"] = round(time.perf_counter() - t0, 4)
+    store.write_json(f"{res}/result.json", row)
+    store.commit(res, row)
+    return row

@@ -1,0 +1,209 @@
+"""The per-slide tiles stage: open → µm/px → level → thumbnail → tissue → grid → tile table, and
+its outputs (tiles.parquet, tissue mask PNG, annotated thumbnail PNG, a JSON summary).
+
+Used by `zeus tiles` and by the cohort pipeline's plan stage. Pixels are not read per tile here:
+`region_reader` does that later from `SlidePlan.tiles` and `SlidePlan.grid`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import JobConfig
+from .magnification import LevelChoice, choose_level, resolve_mpp
+from .slide_access import fingerprint, localise, open_slide, slide_read_errors
+from .store import check_slide_id, stable_hash
+from .tiling import TileGrid, make_grid, tile_origins, tile_table
+from .tissue import TissueMask, read_thumbnail, segment_tissue
+
+# Bump when the geometry or segmentation code changes what a tiling key's outputs contain.
+TILING_VERSION = 1
+# The annotated thumbnail aims at this many px on its long side (readable on screen), never
+# coarser than the tissue thumbnail nor finer than level 0.
+DISPLAY_LONG_SIDE = 1600
+
+OK, NO_TISSUE, NO_TILES = "ok", "no_tissue", "no_tiles"
+
+
+@dataclass
+class SlidePlan:
+    slide_id: str
+    uri: str
+    fingerprint: str
+    mpp0: float
+    mpp_source: str              # override, metadata or objective-power
+    level: LevelChoice
+    grid: TileGrid
+    tissue: TissueMask
+    tiles: pa.Table              # the tiles contract, grid JSON in its schema metadata
+    tiling_key: str
+    status: str                  # ok, no_tissue (no tissue found), no_tiles (tissue, but no tile reaches the threshold)
+    display: np.ndarray          # RGB thumbnail for the annotated PNG
+    display_mpp: float
+    seconds: float
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tiles.num_rows
+
+    @property
+    def tissue_area_mm2(self) -> float:
+        return self.tissue.area_mm2
+
+    def summary(self) -> dict:
+        return {"slide_id": self.slide_id, "uri": self.uri, "status": self.status, "n_tiles": self.n_tiles,
+                "tissue_area_mm2": round(self.tissue_area_mm2, 6), "mpp0": self.mpp0,
+                "mpp_source": self.mpp_source, "level": self.grid.level, "level_mpp": self.grid.level_mpp,
+                "read_size": self.grid.read_size, "tiling_key": self.tiling_key,
+                "fingerprint": self.fingerprint, "tissue_mask_mpp": self.tissue.mpp,
+                "grid": json.loads(self.grid.to_json()), "seconds": round(self.seconds, 3)}
+
+
+def make_tiling_key(fp: str, mpp0: float, cfg: JobConfig) -> str:
+    """Hash of everything that decides which tiles exist and where: the slide's content, its
+    level-0 µm/px (an override moves every tile), the target, patch, stride, tissue parameters and
+    the tissue threshold."""
+    t = cfg.tiling
+    return stable_hash({"v": TILING_VERSION, "fingerprint": fp, "mpp0": mpp0, "target_mpp": t.mpp,
+                        "patch": t.patch_size, "stride": t.stride, "min_fraction": t.min_tissue_fraction,
+                        "tissue": cfg.tissue.model_dump()})
+
+
+def plan_slide(uri: str, slide_id: str, cfg: JobConfig, mpp_override: float | None = None) -> SlidePlan:
+    """Plan one slide's tiles. Raises SlideError (missing, remote, unsupported, unreadable, no_mpp);
+    a slide without tissue is not an error: status no_tissue and zero tiles."""
+    t0 = time.perf_counter()
+    check_slide_id(slide_id)
+    slide = open_slide(uri, slide_id, cfg.cache)
+    try:
+        fp = fingerprint(localise(uri, cfg.cache, slide_id))   # a cache hit for remote slides
+        mpp0, source = resolve_mpp(slide, slide_id, mpp_override)
+        target = cfg.tiling.mpp
+        choice = choose_level(slide, mpp0, target)
+        w, h = slide.dimensions
+        grid = make_grid(w, h, mpp0, target, cfg.tiling.patch_size, cfg.tiling.stride,
+                         choice.level, choice.downsample)
+        with slide_read_errors(slide_id):
+            thumb, thumb_mpp = read_thumbnail(slide, mpp0, cfg.tissue.thumbnail_mpp)
+            display_mpp = min(max(max(w, h) * mpp0 / DISPLAY_LONG_SIDE, mpp0), thumb_mpp)
+            display, display_mpp = ((thumb, thumb_mpp) if display_mpp >= thumb_mpp
+                                    else read_thumbnail(slide, mpp0, display_mpp))
+    finally:
+        slide.close()
+    tissue = segment_tissue(thumb, thumb_mpp, cfg.tissue)
+    tiles = tile_table(grid, tissue, cfg.tiling.min_tissue_fraction, slide_id)
+    status = NO_TISSUE if tissue.empty else (NO_TILES if tiles.num_rows == 0 else OK)
+    key = make_tiling_key(fp, mpp0, cfg)
+    meta = dict(tiles.schema.metadata)
+    meta[b"zeus.tiling_key"] = key.encode()
+    tiles = tiles.replace_schema_metadata(meta)
+    return SlidePlan(slide_id=slide_id, uri=uri, fingerprint=fp, mpp0=mpp0, mpp_source=source, level=choice,
+                     grid=grid, tissue=tissue, tiles=tiles, tiling_key=key, status=status, display=display,
+                     display_mpp=display_mpp, seconds=time.perf_counter() - t0)
+
+
+def mpp_label(mpp: float) -> str:
+    """µm/px for file names: two decimals when exact (8.00), else up to 6 significant digits."""
+    two = f"{mpp:.2f}"
+    return two if abs(float(two) - mpp) < 1e-9 else f"{mpp:.6g}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _png(rgb_or_gray: np.ndarray) -> bytes:
+    img = rgb_or_gray[:, :, ::-1] if rgb_or_gray.ndim == 3 else rgb_or_gray
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def draw_thumbnail(plan: SlidePlan) -> np.ndarray:
+    """Thumbnail for a person to check the tiling at a glance. With 75 % overlap, outlines of every
+    tile would be unreadable, so each kept tile is drawn as the stride × stride cell at its centre
+    (blue, one cell per tile: the cells tile the plane without overlap), the area covered by the
+    kept tiles is outlined in blue, and the tissue contour is drawn in green."""
+    img = plan.display.copy()
+    h, w = img.shape[:2]
+    k = plan.mpp0 / plan.display_mpp                 # display px per level-0 px
+    g = plan.grid
+    rows = plan.tiles.column("grid_row").to_numpy().astype(np.int64)
+    cols = plan.tiles.column("grid_col").to_numpy().astype(np.int64)
+    x, y = tile_origins(g, rows, cols)
+    thick = max(1, round(max(h, w) / 800))
+    dark = (20, 60, 200)
+    foot = np.zeros((h, w), np.uint8)
+    cells = np.zeros((h, w), np.uint8)
+    c0 = (g.patch0 - g.stride0) / 2                  # centre cell offset inside a tile
+    for xi, yi in zip(x, y):
+        cv2.rectangle(foot, (int(xi * k), int(yi * k)),
+                      (math.ceil((xi + g.patch0) * k) - 1, math.ceil((yi + g.patch0) * k) - 1), 1, cv2.FILLED)
+        cv2.rectangle(cells, (round((xi + c0) * k), round((yi + c0) * k)),
+                      (round((xi + c0 + g.stride0) * k) - 1, round((yi + c0 + g.stride0) * k) - 1), 1, cv2.FILLED)
+    sel = cells.astype(bool)
+    img[sel] = (img[sel] * 0.6 + np.array([40, 90, 230], np.float32) * 0.4).astype(np.uint8)
+    if g.stride0 * k >= 6:                           # cell borders only when cells are visible
+        for xi, yi in zip(x, y):
+            cv2.rectangle(img, (round((xi + c0) * k), round((yi + c0) * k)),
+                          (round((xi + c0 + g.stride0) * k) - 1, round((yi + c0 + g.stride0) * k) - 1), dark, 1)
+    contours, _ = cv2.findContours(foot, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(img, contours, -1, dark, thick)
+    t = plan.tissue.mpp / plan.display_mpp           # display px per tissue-mask px
+    for cnts, color in ((plan.tissue.contours, (0, 200, 0)), (plan.tissue.holes, (0, 140, 0))):
+        scaled = [np.round((c.astype(np.float64) + 0.5) * t - 0.5).astype(np.int32) for c in cnts]
+        cv2.drawContours(img, scaled, -1, color, thick + 1)
+    lines = [f"{plan.slide_id}: {plan.n_tiles} tiles of {g.patch_size} px at {g.target_mpp:g} um/px, "
+             f"tissue {plan.tissue_area_mm2:.2f} mm2 (green)",
+             "blue cells: one per kept tile, at its centre; blue line: area covered by kept tiles"]
+    scale = max(0.35, min(0.8, w / 1400))
+    y_text = 0
+    for text in lines:
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        cv2.rectangle(img, (0, y_text), (min(w, tw + 8), y_text + th + base + 6), (255, 255, 255), cv2.FILLED)
+        cv2.putText(img, text, (4, y_text + th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        y_text += th + base + 6
+    return img
+
+
+def write_tiles_outputs(plan: SlidePlan, out_dir: str | Path) -> dict[str, str]:
+    """Write tiles.parquet, tissue_mask_<mpp>mpp.png (0/255, 1 px = <mpp> µm), thumbnail.png and
+    tiles.json into a local folder; each file is written under a temporary name then renamed.
+    Returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    tiles_path = out / "tiles.parquet"
+    tmp = tiles_path.with_name(f".tiles.parquet.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(plan.tiles, tmp)
+        os.replace(tmp, tiles_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    paths["tiles"] = str(tiles_path)
+    mask_path = out / f"tissue_mask_{mpp_label(plan.tissue.mpp)}mpp.png"
+    _atomic_write(mask_path, _png(plan.tissue.mask * np.uint8(255)))
+    paths["tissue_mask"] = str(mask_path)
+    thumb_path = out / "thumbnail.png"
+    _atomic_write(thumb_path, _png(draw_thumbnail(plan)))
+    paths["thumbnail"] = str(thumb_path)
+    summary_path = out / "tiles.json"
+    _atomic_write(summary_path, json.dumps(plan.summary(), indent=1).encode())
+    paths["summary"] = str(summary_path)
+    return paths
