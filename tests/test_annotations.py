@@ -171,6 +171,19 @@ def test_mask_on_the_grid_is_exact_and_labels_select(tmp_path):
     assert not big[GRID[0]:].any() and not big[:, GRID[1]:].any()
 
 
+def test_pyramidal_tiff_mask_read_at_a_level_that_fits(tmp_path, monkeypatch):
+    from zeus_ray import annotations
+    from zeus_ray.mask_export import write_pyramidal_tiff
+    want = centres_inside(lesion(), GRID, CELL0)
+    fine = np.repeat(np.repeat(want, 2, axis=0), 2, axis=1)     # downsample CELL0 / 2
+    path = tmp_path / "pyr.tif"
+    assert write_pyramidal_tiff(fine, path, mpp=1.0, tile=256, nearest=True)[1] == GRID
+    monkeypatch.setattr(annotations, "_MAX_MASK_PX", GRID[0] * GRID[1])   # level 0 "too big"
+    a = read_annotation(path, mask_downsample=CELL0 / 2)
+    assert a.mask.shape == GRID and a.downsample == CELL0
+    assert (rasterise_annotation(a, GRID, CELL0) == want).all()
+
+
 def test_class_filtering(lesion_files):
     path = lesion_files["geojson"]
     tumour = read_annotation(path, tumour_classes=["tumor"]).geometry

@@ -22,7 +22,7 @@ from zeus_ray.encoders.checkpoint import strict_load
 from zeus_ray.encoders.clip_models import open_clip_architecture
 from zeus_ray.encoders.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from zeus_ray.encoders.registry import load_encoder
-from zeus_ray.errors import WeightsError
+from zeus_ray.errors import ConfigError, WeightsError
 
 PROMPTS = ["An H&E stained image of leiomyoma.", "normal skin cells", "tumor growth"]
 VIT_B_32_PARAMS = 151_277_313   # OpenAI CLIP ViT-B/32 layout (PLIP and QuiltNet-B-32)
@@ -143,7 +143,7 @@ def test_plip_matches_transformers_reference(tmp_path, tiles):
     # Token ids equal open_clip's CLIP tokenizer (the vocabulary files are built correctly).
     oc = open_clip.get_tokenizer("ViT-B-32")(PROMPTS)
     assert torch.equal(tok["input_ids"][:, :20], oc[:, :20].masked_fill(oc[:, :20] == 0, 49407))
-    assert enc.logit_scale == pytest.approx(float(ref.logit_scale.exp()), rel=1e-6)
+    assert enc.logit_scale == pytest.approx(ref.logit_scale.detach().exp().item(), rel=1e-6)
 
 
 def test_plip_bin_with_stale_buffers_loads_and_model_key_tracks_weights(tmp_path):
@@ -247,17 +247,26 @@ def test_quiltnet_needs_its_config_and_strict_weights(tmp_path):
 
 
 def test_open_clip_generic_builtin_name_with_weights_file(tmp_path, tiles, caplog):
-    # A built-in open_clip architecture name + a weights file (no config beside it).
-    model = open_clip.create_model("ViT-B-32", pretrained=None)   # full size: the real architecture
-    path = tmp_path / "vitb32.safetensors"
+    # A named open_clip architecture (registered like open_clip's built-in configs) + a weights
+    # file with no config beside it.
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "ZeusTiny-B-32.json").write_text(json.dumps(TINY_OPEN_CLIP["model_cfg"]))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ZeusTiny-B-32", pretrained=None)
+    path = tmp_path / "weights" / "tiny.safetensors"
+    path.parent.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    fp32 = load_encoder(ModelConfig(id="open_clip:ViT-B-32", weights=str(path), batch_size=2))
-    assert fp32.spec.embed_dim == 512 and fp32.spec.input_size == 224
+    fp32 = load_encoder(ModelConfig(id="open_clip:ZeusTiny-B-32", weights=str(path), batch_size=2))
+    assert fp32.spec.embed_dim == 16 and fp32.spec.input_size == 224
+    assert fp32.model_key.startswith("open_clip:ZeusTiny-B-32@")
     with caplog.at_level(logging.WARNING):
-        bf16 = load_encoder(ModelConfig(id="open_clip:ViT-B-32", weights=str(path), dtype="bfloat16"))
+        bf16 = load_encoder(ModelConfig(id="open_clip:ZeusTiny-B-32", weights=str(path), dtype="bfloat16"))
     assert "MultiheadAttention" in caplog.text   # the CPU bf16 slowdown is pointed out
-    a, b = fp32.encode_images(tiles[:2]), bf16.encode_images(tiles[:2])
-    assert a.shape == (2, 512) and _cos(a, b).min() > 0.99
+    a, b = fp32.encode_images(tiles), bf16.encode_images(tiles)
+    assert a.shape == (3, 16) and _cos(a, b).min() > 0.99
+    with pytest.raises(ConfigError, match="model.weights"):
+        load_encoder(ModelConfig(id="open_clip:ZeusTiny-B-32"))
 
 
 def test_quiltnet_full_size_layout_on_meta(tmp_path):

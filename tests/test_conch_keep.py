@@ -3,6 +3,7 @@ the official file formats (tiny variants of the same classes), encoding properti
 and numerical agreement with open_clip's CoCa building blocks."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -162,7 +163,7 @@ def test_conch_release_variants(conch_ckpt):
         load_conch_weights(build_conch(tiny=True), sd_nocap)
 
 
-def test_keep_rejects_missing_text_key(keep_ckpt, tmp_path):
+def test_keep_rejects_missing_text_key(keep_ckpt):
     sd = dict(load_state_dict_file(keep_ckpt[0]))
     del sd["text.pooler.dense.weight"]
     with pytest.raises(WeightsError, match=r"keep: .*missing key\(s\): text\.pooler\.dense\.weight"):
@@ -297,7 +298,6 @@ def test_conch_tokenizer(tmp_path, conch_ckpt):
 def test_conch_tokenizer_errors(tmp_path):
     make_conch_tokenizer(tmp_path / "wrong_pad.json", pad_first=False)
     (tmp_path / "garbage.json").write_text("{not json")
-    import json
     (tmp_path / "nospecial.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))
     for path, pattern in [(tmp_path / "absent.json", "does not exist"),
                           (tmp_path / "garbage.json", "not a `tokenizers` JSON"),

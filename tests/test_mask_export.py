@@ -10,7 +10,7 @@ import pytest
 import shapely
 import shapely.affinity
 
-from zeus_ray.annotations import rasterise_annotation, rasterise_geometry, read_annotation
+from zeus_ray.annotations import Annotation, rasterise_annotation, rasterise_geometry, read_annotation
 from zeus_ray.mask_export import (PRED_RGB, TRUTH_RGB, mask_to_geojson, mask_to_geometry, overlay_png,
                                   similarity_heatmap, write_png, write_pyramidal_tiff)
 from zeus_ray.metrics import segmentation_metrics
@@ -35,7 +35,7 @@ def roundtrip(mask, cell0, origin, tmp_path, **kw):
     path = tmp_path / "pred.geojson"
     path.write_text(json.dumps(fc))
     ann = read_annotation(path, tumour_classes=["tumour"])
-    shifted = ann.__class__(source=ann.source, geometry=shapely.affinity.translate(ann.geometry, -origin[0], -origin[1]))
+    shifted = Annotation(ann.source, shapely.affinity.translate(ann.geometry, -origin[0], -origin[1]))
     return fc, rasterise_annotation(shifted, mask.shape, cell0)
 
 

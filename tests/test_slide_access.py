@@ -139,7 +139,7 @@ def test_changed_object_is_fetched_again(s3_server, s3_bucket, slides_dir, tmp_p
 
 
 def _worker(uri, cache_dir, start, out):
-    start.wait(30)
+    start.wait(60)  # a barrier: all processes, imports done, fetch at the same moment
     try:
         slide = open_slide(uri, "mp", CacheConfig(dir=cache_dir))
         path = localise(uri, CacheConfig(dir=cache_dir))
@@ -149,20 +149,20 @@ def _worker(uri, cache_dir, start, out):
 
 
 def test_concurrent_processes_fetch_one_copy(s3_server, s3_bucket, slides_dir, tmp_path):
-    uri = _put(s3_server, s3_bucket, CMU, slides_dir / CMU)
+    name = "TCGA-CR-7395-01A-01-TS1.svs"   # the larger slide: a wider window for a race
+    uri = _put(s3_server, s3_bucket, name, slides_dir / name)
     cache = tmp_path / "cache"
     ctx = mp.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
+    start, out = ctx.Barrier(3), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(uri, str(cache), start, out)) for _ in range(3)]
     for p in procs:
         p.start()
-    start.set()
     results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
     assert all(isinstance(r, tuple) for r in results), results
     assert len({r[0] for r in results}) == 1 and len({r[1] for r in results}) == 1
-    expected = _region(openslide.OpenSlide(str(slides_dir / CMU))).tobytes()
+    expected = _region(openslide.OpenSlide(str(slides_dir / name))).tobytes()
     assert all(r[2] == expected for r in results)
     assert len(_entries(cache)) == 1
     assert not list(cache.glob(".tmp-*"))
@@ -233,6 +233,15 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_unusable_cache_dir(s3_server, s3_bucket, slides_dir, tmp_path):
+    uri = _put(s3_server, s3_bucket, "small.svs", slides_dir / "small.svs")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SlideError) as e:
+        localise(uri, CacheConfig(dir=str(blocker / "cache")), slide_id="c")
+    assert e.value.reason == "cache" and str(blocker) in str(e.value) and "cache.dir" in str(e.value)
 
 
 # ---- remote slides: HTTP -----------------------------------------------------------------------

@@ -12,7 +12,8 @@ Formats (sniffed from the content first, the extension second):
   with `NegativeROA="1"` are subtracted from the union of its positive regions; layers are then
   united (an island inside a hole therefore belongs in its own layer, as ImageScope draws it).
 - Mask images (PNG/TIFF/...): nonzero = tumour (or, when `tumour_classes` holds integers, those label
-  values), at a stated downsample (level-0 px per mask px) or µm/px (with the slide's mpp0).
+  values), at a stated downsample (level-0 px per mask px) or µm/px (with the slide's mpp0). A
+  pyramidal TIFF mask is read at its largest level of at most 2^26 px (scale adjusted).
 
 Regions of the wanted classes are united; regions of `exclude_classes` are subtracted after.
 
@@ -181,7 +182,8 @@ def _parse_geojson(src: str, data: bytes, tumour_classes, exclude_classes) -> An
         if feat.get("type") in _GEOMETRY_TYPES:
             gobj, props = feat, {}
         elif feat.get("type") == "Feature":
-            gobj, props = feat.get("geometry"), feat.get("properties") or {}
+            gobj, props = feat.get("geometry"), feat.get("properties")
+            props = props if isinstance(props, dict) else {}
         else:
             raise _fail(src, f"feature {k} has type {feat.get('type')!r}, expected 'Feature'")
         otype = str(props.get("objectType", props.get("object_type", "annotation"))).lower()
@@ -191,7 +193,8 @@ def _parse_geojson(src: str, data: bytes, tumour_classes, exclude_classes) -> An
         try:
             g = geo_shape(gobj)
         except Exception as e:  # noqa: BLE001 - shapely raises several types for bad coordinates
-            raise _fail(src, f"feature {k}: bad {gobj.get('type', '?')} geometry ({e})") from None
+            kind = gobj.get("type", "?") if isinstance(gobj, dict) else type(gobj).__name__
+            raise _fail(src, f"feature {k}: bad {kind} geometry ({e})") from None
         g = _repaired(g, src, f"feature {k}")
         if g.is_empty:
             skipped += 1
@@ -266,18 +269,27 @@ def _parse_xml(src: str, data: bytes, tumour_classes, exclude_classes) -> Annota
 
 # --- mask images ----------------------------------------------------------------------------------
 
-def _decode_image(src: str, data: bytes) -> np.ndarray:
+_MAX_MASK_PX = 1 << 26  # a pyramidal TIFF mask is read at its largest level up to this many pixels
+
+
+def _decode_image(src: str, data: bytes) -> tuple[np.ndarray, float]:
+    """The mask pixels and the extra downsample of the level read (1 unless a pyramid level was used)."""
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         import tifffile
         try:
-            return tifffile.imread(io.BytesIO(data), key=0)  # level 0 of a pyramidal mask
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                levels = tif.series[0].levels
+                # level-0 masks of gigapixel slides (e.g. Camelyon16) do not fit in memory: take the
+                # largest pyramid level that does; its extra downsample is applied to the scale
+                level = next((lv for lv in levels if lv.shape[0] * lv.shape[1] <= _MAX_MASK_PX), levels[-1])
+                return level.asarray(), levels[0].shape[1] / level.shape[1]
         except Exception as e:  # noqa: BLE001
             raise _fail(src, f"TIFF mask cannot be decoded ({type(e).__name__}: {e})") from None
     import cv2
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise _fail(src, "mask image cannot be decoded (corrupt or unsupported image)")
-    return img
+    return img, 1.0
 
 
 def _parse_mask(src: str, data: bytes, tumour_classes, mpp0, mask_downsample, mask_mpp) -> Annotation:
@@ -288,7 +300,8 @@ def _parse_mask(src: str, data: bytes, tumour_classes, mpp0, mask_downsample, ma
         mask_downsample = float(mask_mpp) / float(mpp0)
     if not mask_downsample > 0:
         raise _fail(src, f"mask downsample must be > 0, got {mask_downsample}")
-    img = _decode_image(src, data)
+    img, level_ds = _decode_image(src, data)
+    mask_downsample *= level_ds
     if img.ndim == 3:  # colour masks: any colour channel set (alpha ignored)
         img = img[..., :3].max(axis=-1) if img.shape[-1] >= 3 else img[..., 0]
     if img.ndim != 2 or img.size == 0:

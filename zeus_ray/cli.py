@@ -38,8 +38,10 @@ def add_set_option(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    # Our own INFO lines; libraries (botocore, urllib3, ...) only from WARNING unless --debug.
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("zeus_ray").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return int(args.handler(args) or 0)
     except ZeusError as e:

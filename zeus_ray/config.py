@@ -105,11 +105,16 @@ class RayConfig(_Section):
     num_readers: int | None = Field(None, gt=0, description="concurrent tile-reading tasks")
     num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else 1)")
     encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor")
+    reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
+    encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")
 
 
 class EvaluationConfig(_Section):
     tumour_classes: list[str] | None = Field(None, description="annotation class names counted as tumour; default: any")
-    metric_mpp: float | None = Field(None, gt=0, description="µm/px of the metric grid; default: a quarter of the stride")
+    exclude_classes: list[str] | None = Field(None, description="annotation class names cut out of the tumour (e.g. ASAP exclusion groups)")
+    metric_mpp: float | None = Field(None, gt=0, description="µm/px of the metric grid; default: a quarter of the cell (stride) grid")
+    mask_downsample: float | None = Field(None, gt=0, description="level-0 px per pixel of mask-image annotations")
+    mask_mpp: float | None = Field(None, gt=0, description="µm/px of mask-image annotations (alternative to mask_downsample)")
 
 
 class JobConfig(_Section):

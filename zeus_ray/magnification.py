@@ -93,11 +93,10 @@ def choose_level(slide, mpp0: float, target_mpp: float) -> LevelChoice:
     upsampled when a finer one exists; level 0 when even level 0 is coarser than the target."""
     if not (mpp0 > 0 and target_mpp > 0):
         raise ValueError(f"mpp0 ({mpp0}) and target_mpp ({target_mpp}) must be positive")
-    best = 0
-    for level, ds in enumerate(slide.level_downsamples):
-        if mpp0 * ds <= target_mpp * (1 + LEVEL_TOLERANCE):
-            best = level if mpp0 * ds >= mpp0 * slide.level_downsamples[best] else best
-    ds = float(slide.level_downsamples[best])
+    downsamples = slide.level_downsamples
+    fine_enough = [i for i, ds in enumerate(downsamples) if mpp0 * ds <= target_mpp * (1 + LEVEL_TOLERANCE)]
+    best = max(fine_enough, key=lambda i: downsamples[i], default=0)
+    ds = float(downsamples[best])
     choice = LevelChoice(level=best, level_mpp=mpp0 * ds, downsample=ds, scale=target_mpp / (mpp0 * ds))
     if choice.upsampled:
         key = (tuple(slide.dimensions), round(mpp0, 6), round(target_mpp, 6))

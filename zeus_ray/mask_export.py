@@ -268,7 +268,8 @@ def overlay_png(thumb_rgb: np.ndarray, tissue: np.ndarray | None, pred: np.ndarr
     y = 8 + int(22 * scale)
     label = "Dice n/a" if dice is None or math.isnan(dice) else f"Dice {dice:.3f}"
     y += _text(out, f"{title}  {label}" if title else label, (8, y), scale)
-    for name, colour, present in (("tissue", TISSUE_RGB, tissue is not None), ("prediction", PRED_RGB, pred is not None),
+    for name, colour, present in (("tissue", TISSUE_RGB, tissue is not None),
+                                  ("prediction", PRED_RGB, pred is not None),
                                   ("ground truth", TRUTH_RGB, truth is not None)):
         if present:
             y += _text(out, name, (8, y), scale * 0.7, color=colour)

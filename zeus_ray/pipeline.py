@@ -39,7 +39,13 @@ def _status_row(slide_id: str, kind: str, message: str, patch: int, with_image: 
            "n_tiles": np.array([0], np.int64), "kind": np.array([kind]), "message": np.array([message])}
     if with_image:
         row["image"] = np.zeros((1, patch, patch, 3), np.uint8)
+        row["read_node"] = np.array([_node_id()])
     return row
+
+
+def _node_id() -> str:
+    import ray
+    return ray.get_runtime_context().get_node_id()
 
 
 def plan_stage(batch: dict, cfg: JobConfig, store_root: str, tiles_dirs: dict, source_ids: dict) -> dict:
@@ -107,7 +113,7 @@ def read_stage(batch: dict, cfg: JobConfig) -> dict:
     n = len(tile_ids)
     return {"slide_id": np.array([sid] * n), "tile_id": np.asarray(tile_ids, np.int64),
             "n_tiles": np.full(n, batch["n_tiles"][0], np.int64), "kind": np.array(["tile"] * n),
-            "message": np.array([""] * n), "image": images}
+            "message": np.array([""] * n), "image": images, "read_node": np.array([_node_id()] * n)}
 
 
 class EncodeStage:
@@ -123,7 +129,8 @@ class EncodeStage:
         emb = np.zeros((len(tiles), dim), np.float32)
         if tiles.any():
             emb[tiles] = self.encoder.encode_images(batch["image"][tiles])
-        return {k: batch[k] for k in ("slide_id", "tile_id", "n_tiles", "kind", "message")} | {"embedding": emb}
+        keep = ("slide_id", "tile_id", "n_tiles", "kind", "message", "read_node")
+        return {k: batch[k] for k in keep} | {"embedding": emb, "encode_node": np.array([_node_id()] * len(tiles))}
 
 
 def text_stage(model_cfg: ModelConfig, prompt_set) -> tuple:
@@ -148,6 +155,8 @@ class RunSummary:
     rows: list = field(default_factory=list)
     root: str = ""
     prompt_key: str = ""
+    read_nodes: set = field(default_factory=set)     # Ray node ids that read tiles
+    encode_nodes: set = field(default_factory=set)   # and that encoded them
 
     def line(self) -> str:
         rate = self.tiles_encoded / self.seconds if self.seconds else 0.0
@@ -162,6 +171,9 @@ def tiling_key(cfg: JobConfig) -> str:
                         "min_tissue": t.min_tissue_fraction, "tissue": cfg.tissue.model_dump()}, 12)
 
 
+_PASS_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HF_", "FSSPEC_", "ZEUS_")
+
+
 def init_ray(cfg: JobConfig):
     import ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -170,8 +182,12 @@ def init_ray(cfg: JobConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Workers see the driver's import path and its cloud/hub settings (endpoint, region,
+        # credentials, HF cache); the local cluster has no dashboard, so they are not exposed.
+        env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV)}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+                 runtime_env={"env_vars": env})
     return True
 
 
@@ -181,13 +197,14 @@ def _pool_settings(cfg: JobConfig):
     gpus = int(res.get("GPU", 0))
     cpus = res.get("CPU", 1)
     n_enc = cfg.ray.num_encoders or max(1, gpus)
-    if gpus:
+    if gpus:   # one actor per GPU; every CPU left reads
         enc_args = {"num_gpus": 1}
         batch = cfg.model.batch_size or 64
-    else:
-        enc_args = {"num_cpus": cfg.ray.encoder_cpus or max(1.0, cpus - 1 if cpus > 2 else 1)}
+        n_read = cfg.ray.num_readers or max(1, int(cpus) - n_enc)
+    else:      # CPU encoders take most cores (torch threads); reading needs little next to them
+        enc_args = {"num_cpus": cfg.ray.encoder_cpus or max(1, int((cpus - 1) // n_enc))}
         batch = cfg.model.batch_size or 16
-    n_read = cfg.ray.num_readers or max(1, int(cpus - (0 if gpus else enc_args["num_cpus"] * n_enc)))
+        n_read = cfg.ray.num_readers or max(1, int(cpus - enc_args["num_cpus"] * n_enc))
     return n_enc, enc_args, batch, n_read
 
 
@@ -251,17 +268,21 @@ def _run(cfg, entries, prompt_set, store, t0, progress) -> RunSummary:
         ctx.enable_progress_bars = progress
         ds = ray.data.from_items([{"entry": pickle.dumps(e.as_dict())} for e in to_encode],
                                  override_num_blocks=len(to_encode))
-        ds = ds.map_batches(plan_stage, batch_size=1, num_cpus=1, memory=1024 * 2**20,
+        read_res = cfg.ray.reader_resources or None
+        ds = ds.map_batches(plan_stage, batch_size=1, num_cpus=1, memory=1024 * 2**20, resources=read_res,
                             fn_kwargs={"cfg": cfg, "store_root": store.root_uri, "source_ids": source_ids,
                                        "tiles_dirs": {e.slide_id: keys_of[e.slide_id].tiles_dir for e in to_encode}})
-        ds = ds.map_batches(read_stage, batch_size=1, num_cpus=1, fn_kwargs={"cfg": cfg}, max_retries=3)
+        ds = ds.map_batches(read_stage, batch_size=1, num_cpus=1, fn_kwargs={"cfg": cfg},
+                            resources=read_res, compute=ray.data.TaskPoolStrategy(size=n_read))
         ds = ds.map_batches(EncodeStage, batch_size=batch, fn_constructor_kwargs={"model_cfg": cfg.model},
-                            compute=ray.data.ActorPoolStrategy(size=n_enc), max_restarts=-1,
-                            max_task_retries=-1, **enc_args)
+                            compute=ray.data.ActorPoolStrategy(size=n_enc),  # actors restart (Ray Data default)
+                            resources=cfg.ray.encoder_resources or None, **enc_args)
         buffers: dict[str, list] = defaultdict(list)
         counts: dict[str, int] = defaultdict(int)
         finished: set[str] = set()
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            summary.read_nodes.update(np.unique(b["read_node"]).tolist())
+            summary.encode_nodes.update(np.unique(b["encode_node"]).tolist())
             for sid in np.unique(b["slide_id"]):
                 sel = b["slide_id"] == sid
                 sid = str(sid)

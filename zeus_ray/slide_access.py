@@ -174,7 +174,11 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
     key = hashlib.sha256(json.dumps([uri, ident], sort_keys=True).encode()).hexdigest()[:32]
 
     cache_dir = Path(os.path.expanduser(cfg.dir))
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlideError(sid, f"cannot create the slide cache {cache_dir} for {safe_uri}: {e.strerror or e} "
+                         "(set cache.dir to a writable folder)", reason="cache") from None
     entry = cache_dir / key
     with FileLock(str(cache_dir / f"{key}.lock")):
         if entry.is_dir() and not is_dir and "size" in ident:
@@ -203,6 +207,9 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
                 os.replace(tmp, entry)
             except Exception as e:  # noqa: BLE001
                 shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(str(cache_dir)):
+                    raise SlideError(sid, f"cannot write {safe_uri} into the slide cache {cache_dir}: "
+                                     f"{e.strerror or e} (free some space or set cache.dir)", reason="cache") from None
                 raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e, protocol)}", reason="remote") from None
             log.info("slide cache: fetched %s (%.1f MB, %.1f s)", safe_uri,
                      _dir_size(entry) / 1e6, time.monotonic() - t0)

@@ -35,11 +35,13 @@ def _upsample(mask: np.ndarray, f: int) -> np.ndarray:
 
 
 def evaluate(annotation_uri: str, tumour: np.ndarray, tissue: np.ndarray, *, cell0: float, cell_um: float,
-             mpp0: float, metric_mpp: float | None, tumour_classes) -> tuple[dict, np.ndarray]:
+             mpp0: float, evaluation: dict) -> tuple[dict, np.ndarray]:
     """Metrics on the metric grid (default: 4 × finer than the cell grid; prediction and tissue
     brought to it by nearest neighbour, ground truth rasterised at its cell centres)."""
-    f = max(1, int(round(cell_um / (metric_mpp or cell_um / 4))))
-    ann = read_annotation(annotation_uri, tumour_classes=tumour_classes, mpp0=mpp0)
+    f = max(1, int(round(cell_um / (evaluation.get("metric_mpp") or cell_um / 4))))
+    ann = read_annotation(annotation_uri, tumour_classes=evaluation.get("tumour_classes"),
+                          exclude_classes=evaluation.get("exclude_classes"), mpp0=mpp0,
+                          mask_downsample=evaluation.get("mask_downsample"), mask_mpp=evaluation.get("mask_mpp"))
     pred, valid = _upsample(tumour, f), _upsample(tissue, f)
     truth = rasterise_annotation(ann, pred.shape, cell0 / f)
     m = segmentation_metrics(pred, truth, valid, cell_area_mm2=((cell_um / f) / 1000.0) ** 2)
@@ -64,8 +66,7 @@ def write_outputs(store: OutputStore, entry: dict, res: str, *, tumour, tissue, 
     if entry.get("annotation_uri"):
         try:
             m, truth = evaluate(entry["annotation_uri"], tumour, tissue, cell0=cell0, cell_um=cell_um,
-                                mpp0=grid.mpp0, metric_mpp=ev.get("metric_mpp"),
-                                tumour_classes=ev.get("tumour_classes"))
+                                mpp0=grid.mpp0, evaluation=ev)
             store.write_json(f"{res}/metrics.json", m)
             out.update({k: m[k] for k in ("dice", "precision", "recall", "iou", "pred_area_mm2",
                                           "true_area_mm2", "metric_mpp")})

@@ -106,7 +106,8 @@ def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[
         order = np.argsort(tile_ids)
         if not np.array_equal(np.asarray(tile_ids)[order], tiles["tile_id"].to_numpy()):
             raise RuntimeError(f"slide {sid!r}: encoded tiles do not match tiles.parquet")
-        embeddings = embeddings[order]
+        # Score what is stored (e.g. float16), so a later re-prompt from the store gives the same maps.
+        embeddings = embeddings[order].astype(embedding_dtype).astype(np.float32)
         store.write_parquet(f"{keys.emb_dir}/embeddings.parquet",
                             embedding_table(sid, tiles, embeddings, keys, embedding_dtype))
         store.commit(keys.emb_dir, {"slide_id": sid, "n_tiles": len(tiles), "tiling_key": keys.tiling_key,

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import shapely
 import tifffile
-from shapely.geometry import MultiPolygon, Polygon, box, mapping
+from shapely.geometry import MultiPolygon, Polygon, mapping
 
 from .config import MPP_AT_10X
 
@@ -156,7 +156,11 @@ def _rasterise(geom: MultiPolygon, x0: float, y0: float, d: int, t: int) -> np.n
     """Mask (t×t uint8) of `geom` (level-0 px) over the level tile whose top-left level px is
     (x0, y0); pixel centres are tested, as the ground-truth rasteriser does."""
     mask = np.zeros((t, t), np.uint8)
+    x0_0, y0_0, x1_0, y1_0 = x0 * d, y0 * d, (x0 + t) * d, (y0 + t) * d
     for poly in geom.geoms:
+        bx0, by0, bx1, by1 = poly.bounds
+        if bx1 < x0_0 or bx0 > x1_0 or by1 < y0_0 or by0 > y1_0:
+            continue
         rings = [poly.exterior, *poly.interiors]
         pts = [np.round((np.asarray(r.coords)[:, :2] / d - (x0 + 0.5, y0 + 0.5)) * 16).astype(np.int32)
                for r in rings]
@@ -202,8 +206,8 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float, *, tissue=N
                           metadata: str = "mpp") -> SyntheticSlide:
     """Write a pyramidal tiled TIFF (`fmt` "svs" or "tiff") that OpenSlide opens with level-0
     µm/px `mpp`. `tissue`/`lesions` are shapely (Multi)Polygons in level-0 px (default: two
-    random tissue blobs and one lesion inside the larger). Level i is `downsamples[i]` times
-    smaller (integers, the first 1).
+    random tissue blobs and one lesion inside the larger; lesions count as tissue). Level i is
+    `downsamples[i]` times smaller (integers, the first 1).
 
     `metadata` says what the file tells about its resolution, to test the fallbacks: "mpp"
     (µm/px, and the objective power in an SVS), "objective-power" (SVS AppMag only) or "none"."""
@@ -220,7 +224,8 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float, *, tissue=N
         raise ValueError(f"metadata {metadata!r}: use 'mpp', 'none' or (svs only) 'objective-power'")
     if tissue is None and lesions is None:
         tissue, lesions = default_shapes(width, height, seed)
-    tissue, lesions = _multi(tissue), _multi(lesions)
+    lesions = _multi(lesions)
+    tissue = _multi(lesions if tissue is None else shapely.union(tissue, lesions))  # lesions are tissue
     shapely.prepare(tissue)
     shapely.prepare(lesions)
 

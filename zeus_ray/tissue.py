@@ -8,6 +8,18 @@ the same whatever the thumbnail's resolution.
 Mask geometry: thumbnail pixel (i, j) covers level-0 px [j·s, (j+1)·s) × [i·s, (i+1)·s) with
 s = mask mpp / level-0 mpp; the thumbnail is ceil(W/s) × ceil(H/s) px (the last row/column may
 reach past the slide edge, where it is background).
+
+Defaults (TissueConfig) and why:
+- thumbnail_mpp 8 µm/px: a 448 µm (10x) tile spans 56 mask px, so tissue fractions resolve to
+  ~2 %; a 100,000 px wide 40x slide gives a 3,125 px thumbnail (cheap to read and segment).
+- saturation_threshold 8, median blur 56 µm (7 px at 8 µm/px), closing 32 µm (rounded up to an
+  odd 5 px): CLAM's usual settings (sthresh 8, mthresh 7, close 4) at this resolution. The fixed
+  threshold counts a boundary pixel that is only partly tissue as tissue, so the mask runs about
+  one thumbnail pixel (8 µm) outside the tissue edge: generous, never clipping tissue.
+- min_tissue_area 0.1 mm² (a 316 µm square, under one 10x tile): drops dust and specks but keeps
+  small fragments of skin biopsies; the net area (outline minus holes) is compared.
+- min_hole_area 0.05 mm², max_holes 8: only sizeable lumina or tears become holes.
+Tissue area is the mask's pixel count × mpp², not the contour area.
 """
 from __future__ import annotations
 

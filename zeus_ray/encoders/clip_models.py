@@ -138,7 +138,7 @@ def open_clip_architecture(model_id: str, arch: str, device: str = "cpu"):
         with torch.device(device):   # on "meta" nothing is allocated or initialised
             model = open_clip.create_model(arch, pretrained_text=False, device=device, **kwargs)
         return model, open_clip.get_tokenizer(arch)
-    except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
         raise WeightsError(f"model {model_id!r}: open_clip cannot build {arch!r} "
                            f"({str(e).splitlines()[0][:200]})") from None
 
@@ -147,10 +147,12 @@ def build_open_clip(spec: ModelSpec, cfg, name: str | None, hub_repo: str | None
                     batch_size: int, how_to: str = "") -> TorchEncoder:
     """open_clip model: architecture from open_clip_config.json beside the weights (hub repos and
     exported folders) or, when `name` is given, open_clip's built-in config of that name."""
-    required = {"weights": OPEN_CLIP_WEIGHTS}
-    optional = {"config": ("open_clip_config.json",)}
-    if name is None:
-        required, optional = {**required, **optional}, {}
+    required = {"weights": OPEN_CLIP_WEIGHTS, "config": ("open_clip_config.json",)}
+    if name is not None:   # a built-in architecture name: a config beside the weights is optional
+        del required["config"]
+    # Models with a transformers text tower (e.g. BiomedCLIP) read their tokenizer from the folder.
+    optional = {"config": ("open_clip_config.json",), **{k: v for k, v in HF_CLIP_OPTIONAL.items()
+                                                          if k != "preprocessor"}}
     files = resolve_weights(spec.id, cfg.weights, hub_repo, required, optional, how_to)
     config_path = files.get("config")
     arch = "local-dir:" + str(config_path.parent) if config_path is not None else name

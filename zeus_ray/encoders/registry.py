@@ -24,7 +24,7 @@ from .weights import resolve_weights, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
-HOW_TO_LOCAL = "or give --set model.weights=/path/to/dir-or-file (a bucket URI works too)"
+HOW_TO_LOCAL = "give --set model.weights=/path/to/dir-or-file (a bucket URI works too)"
 
 CONCH = ModelSpec(
     id="conch", weights_source="MahmoodLab/conch", licence="CC-BY-NC-ND-4.0", gated=True,
@@ -77,8 +77,8 @@ class RegistryEntry:
 def _how_to(spec: ModelSpec) -> str:
     if spec.gated:
         return (f"log in with `hf auth login` (or `huggingface-cli login`, or set HF_TOKEN) after accepting "
-                f"the terms at https://huggingface.co/{spec.weights_source}, {HOW_TO_LOCAL}")
-    return f"download hub repo {spec.weights_source} where there is internet (HF_HUB_OFFLINE=1 then uses the cache), {HOW_TO_LOCAL}"
+                f"the terms at https://huggingface.co/{spec.weights_source}, or {HOW_TO_LOCAL}")
+    return f"download hub repo {spec.weights_source} where there is internet (HF_HUB_OFFLINE=1 then uses the cache), or {HOW_TO_LOCAL}"
 
 
 def _tiny_spec(spec: ModelSpec, image_size: int, embed_dim: int) -> ModelSpec:

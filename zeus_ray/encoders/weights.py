@@ -146,10 +146,12 @@ def _fetch(fs, rpath: str, cache: Path) -> Path:
 
 
 def _from_hub(model_id: str, repo: str, required: Candidates, optional: Candidates, how_to: str) -> ResolvedWeights:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     offline = _offline()
+    unreachable = False
     cache_dir = os.environ.get("HF_HUB_CACHE") or None
     files: dict[str, Path] = {}
     missing: list[str] = []
@@ -166,7 +168,11 @@ def _from_hub(model_id: str, repo: str, required: Candidates, optional: Candidat
                 raise WeightsError(f"model {model_id!r}: hub repo {repo} not found or not accessible with "
                                    f"your token; check the id, log in (`hf auth login` or HF_TOKEN), "
                                    f"or give --set model.weights=/path") from None
-            except EntryNotFoundError:   # not in the repo, or (offline / no network) not in the cache
+            except LocalEntryNotFoundError:   # not in the cache, and offline or the hub is unreachable
+                if not offline:   # no network: don't wait for retries on every other file
+                    offline = unreachable = True
+                continue
+            except EntryNotFoundError:        # the hub says the repo has no such file
                 continue
             except (HfHubHTTPError, OSError) as e:
                 raise WeightsError(f"model {model_id!r}: downloading {name} from hub repo {repo} failed "
@@ -176,8 +182,9 @@ def _from_hub(model_id: str, repo: str, required: Candidates, optional: Candidat
             if role in required:
                 missing.append(role)
     if missing:
-        where = (f"the Hugging Face cache ({cache_dir or 'default location'}) for hub repo {repo}"
-                 + (" with HF_HUB_OFFLINE=1" if offline else " and on the hub"))
+        where = (f"the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) for hub repo {repo}"
+                 + (" (the hub was unreachable)" if unreachable else " with HF_HUB_OFFLINE=1" if offline
+                    else " and on the hub"))
         raise _missing_error(model_id, where, required, missing, how_to)
     return ResolvedWeights(files, f"hf://{repo}")
 

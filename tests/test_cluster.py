@@ -1,0 +1,111 @@
+"""Multi-node behaviour with ray.cluster_utils.Cluster: readers and encoders on different nodes;
+an encoder actor and a reader node killed mid-run, with outputs identical to an undisturbed run."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from _cohort import job_config, make_cohort
+from zeus_ray.pipeline import run_cohort
+
+PIN = ["ray.reader_resources={reader: 0.01}", "ray.encoder_resources={encoder: 0.01}", "ray.num_readers=2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = {"reader_a": c.add_node(num_cpus=1, resources={"reader": 1}),
+             "reader_b": c.add_node(num_cpus=1, resources={"reader": 1}),
+             "encoder": c.add_node(num_cpus=1, resources={"encoder": 1})}
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cohort"), n=3)
+
+
+def _results(root: Path) -> dict[str, Path]:
+    return {p.parents[3].name: p.parent for p in root.glob("slides/*/results/*/*/_COMPLETE.json")}
+
+
+def _outputs(root: Path) -> dict:
+    out = {}
+    for sid, d in _results(root).items():
+        sims = pq.read_table(d / "similarities.parquet").to_pandas().sort_values("tile_id")
+        out[sid] = (np.array(Image.open(next(d.glob("mask_*mpp.png")))), sims)
+    return out
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("a") / "out"
+    return out, run_cohort(job_config(cohort, out, *PIN), progress=False)
+
+
+def test_readers_and_encoders_on_their_own_nodes(cluster, undisturbed):
+    _, nodes = cluster
+    _, summary = undisturbed
+    assert summary.ok == 3 and summary.failed == 0
+    readers = {nodes["reader_a"].node_id, nodes["reader_b"].node_id}
+    assert summary.read_nodes and summary.read_nodes <= readers
+    assert summary.encode_nodes == {nodes["encoder"].node_id}
+
+
+def _encoder_pids() -> list[int]:
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "EncodeStage" in cmd and "ray::" in cmd:
+            pids.append(p.info["pid"])
+    return pids
+
+
+def test_actor_and_node_killed_mid_run(cluster, cohort, undisturbed, tmp_path):
+    c, nodes = cluster
+    out = tmp_path / "out"
+    events = []
+
+    def disturb():
+        deadline = time.time() + 600
+        while time.time() < deadline and not _encoder_pids():
+            time.sleep(0.2)
+        time.sleep(2.0)                         # the actor is encoding by now
+        for pid in _encoder_pids():
+            os.kill(pid, signal.SIGKILL)
+            events.append(("encoder killed", pid))
+        while time.time() < deadline and not _results(out):
+            time.sleep(0.2)
+        c.remove_node(nodes["reader_b"])        # a reader node lost while slides remain
+        events.append(("node removed", nodes["reader_b"].node_id))
+
+    t = threading.Thread(target=disturb, daemon=True)
+    t.start()
+    summary = run_cohort(job_config(cohort, out, *PIN), progress=False)
+    t.join(60)
+    assert [e[0] for e in events] == ["encoder killed", "node removed"], events
+    assert summary.ok == 3 and summary.failed == 0
+    ref, got = _outputs(undisturbed[0]), _outputs(out)
+    assert sorted(got) == sorted(ref)
+    for sid in ref:
+        assert np.array_equal(got[sid][0], ref[sid][0]), sid
+        a, b = got[sid][1], ref[sid][1]
+        assert a["tile_id"].tolist() == b["tile_id"].tolist()
+        np.testing.assert_allclose(a["sim_tumor"], b["sim_tumor"], atol=1e-4)

@@ -1,0 +1,187 @@
+"""The cohort job end to end on a real local Ray: synthetic and real slides, bad inputs, re-runs,
+an interrupted run resumed, cached embeddings on a prompt change."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from _cohort import job_config, make_cohort
+from zeus_ray.pipeline import run_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):   # the S3 server first, so Ray workers inherit its endpoint
+    import ray
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cohort"), n=3)
+
+
+def _results(root: Path) -> dict[str, Path]:
+    return {p.parents[3].name: p.parent for p in root.glob("slides/*/results/*/*/_COMPLETE.json")}
+
+
+def _mask(d: Path) -> np.ndarray:
+    return np.array(Image.open(next(d.glob("mask_*mpp.png"))))
+
+
+def _sims(d: Path) -> pd.DataFrame:
+    return pq.read_table(d / "similarities.parquet").to_pandas().sort_values("tile_id").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = run_cohort(job_config(cohort, out), progress=False)
+    return out, summary
+
+
+def test_full_run_outputs(full_run):
+    out, summary = full_run
+    assert (summary.ok, summary.failed, summary.skipped) == (3, 0, 0)
+    res = _results(out)
+    assert sorted(res) == ["syn-0", "syn-1", "syn-2"]
+    total = 0
+    for sid, d in res.items():
+        tiles = pq.read_table(next(out.glob(f"slides/{sid}/tiles/*/tiles.parquet")))
+        emb = pq.read_table(next(out.glob(f"slides/{sid}/embeddings/*/*/embeddings.parquet")))
+        sims = _sims(d)
+        assert len(tiles) == len(emb) == len(sims) > 20
+        assert sorted(emb["tile_id"].to_pylist()) == sorted(tiles["tile_id"].to_pylist())
+        assert {"sim_normal", "sim_tumor", "prompt_key", "model_key"} <= set(sims.columns)
+        vec = np.stack(emb["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+        np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=2e-3)
+        mask = _mask(d)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        for f in ("prediction.geojson", "mask.tiff", "overlay.png", "maps.npz", "metrics.json", "result.json"):
+            assert (d / f).exists(), f
+        total += len(tiles)
+    assert summary.tiles_encoded == total
+    table = pd.read_csv(next(out.glob("cohort/*/slides.csv")))
+    assert set(table["status"]) == {"ok"} and table["dice"].between(0, 1).all()
+    assert next(out.glob("cohort/*/table1.md")).read_text().count("±") >= 3
+
+
+def test_rerun_skips_complete_slides(full_run, cohort):
+    out, _ = full_run
+    before = {p: p.stat().st_mtime_ns for p in out.glob("slides/**/*") if p.is_file()}
+    summary = run_cohort(job_config(cohort, out), progress=False)
+    assert (summary.ok, summary.skipped, summary.tiles_encoded) == (3, 3, 0)
+    after = {p: p.stat().st_mtime_ns for p in out.glob("slides/**/*") if p.is_file()}
+    assert after == before   # nothing under slides/ rewritten
+
+
+def test_prompt_change_reuses_embeddings(full_run, cohort):
+    out, _ = full_run
+    old = _results(out)
+    old_masks = {sid: _mask(d) for sid, d in old.items()}
+    summary = run_cohort(job_config(cohort, out, "prompts.file=prompts/multiclass-skin.yaml"), progress=False)
+    assert (summary.ok, summary.skipped, summary.tiles_encoded) == (3, 0, 0)   # no image encoded
+    new = {p.parents[3].name: p.parent for p in out.glob("slides/*/results/*/*/_COMPLETE.json")
+           if p.parent != old.get(p.parents[3].name)}
+    assert sorted(new) == ["syn-0", "syn-1", "syn-2"]
+    for sid, d in new.items():
+        assert {"sim_inflammation", "sim_stroma"} <= set(_sims(d).columns)
+        assert np.array_equal(_mask(old[sid]), old_masks[sid])   # earlier results intact
+
+
+def test_bad_slides_get_error_rows_and_the_rest_completes(ray_local, slides_dir, tmp_path):
+    rows = [f"cmu,{slides_dir / 'CMU-1-Small-Region.svs'},,real,X,",
+            f"tcga-override,{slides_dir / 'TCGA-CR-7395-01A-01-TS1.svs'},,real,Y,0.25",
+            f"tcga-nompp,{slides_dir / 'TCGA-CR-7395-01A-01-TS1.svs'},,real,Y,",
+            f"broken,{slides_dir / 'broken.svs'},,bad,Z,",
+            f"unreadable,{slides_dir / 'unreadable.svs'},,bad,Z,",
+            f"missing,{tmp_path / 'nope.svs'},,bad,Z,"]
+    manifest = make_cohort(tmp_path / "c", n=1, extra_rows=rows)
+    out = tmp_path / "out"
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(f"input: {{manifest: {manifest}}}\noutput: {{root: {out}}}\n"
+                        f"model: {{id: 'random:vit_tiny_patch16_224'}}\ncache: {{dir: {tmp_path / 'cache'}}}\n")
+    p = subprocess.run([sys.executable, "-m", "zeus_ray", "run", str(cfg_file), "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 1, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert "3 slides ok" in last and "4 failed" in last, p.stdout
+    errors = pd.read_csv(next(out.glob("cohort/*/errors.csv"))).set_index("slide_id")
+    assert sorted(errors.index) == ["broken", "missing", "tcga-nompp", "unreadable"]
+    assert "mpp" in errors.loc["tcga-nompp", "error"] and "tcga-nompp" in errors.loc["tcga-nompp", "error"]
+    assert "unsupported" in errors.loc["broken", "error"].lower() or "not a slide" in errors.loc["broken", "error"]
+    assert all("\n" not in e for e in errors["error"])
+    assert sorted(_results(out)) == ["cmu", "syn-0", "tcga-override"]
+
+
+def test_interrupted_run_resumes_identically(full_run, cohort, tmp_path):
+    ref_out, _ = full_run
+    out = tmp_path / "out"
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(f"input: {{manifest: {cohort}}}\noutput: {{root: {out}}}\n"
+                        f"model: {{id: 'random:vit_tiny_patch16_224', batch_size: 16}}\n"
+                        f"cache: {{dir: {tmp_path / 'cache'}}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "zeus_ray", "run", str(cfg_file), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not _results(out):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)       # Ctrl-C once the first slide is complete
+    proc.wait(120)
+    first = _results(out)
+    assert 1 <= len(first) < 3, "the interrupt came too late to test a resume"
+    stamps = {sid: (d / "_COMPLETE.json").stat().st_mtime_ns for sid, d in first.items()}
+    summary = run_cohort(job_config(cohort, out), progress=False)
+    assert summary.ok == 3 and summary.skipped == len(first)
+    res, ref = _results(out), _results(ref_out)
+    assert sorted(res) == sorted(ref)
+    for sid in ref:
+        assert np.array_equal(_mask(res[sid]), _mask(ref[sid])), sid
+        a, b = _sims(res[sid]), _sims(ref[sid])
+        assert a["tile_id"].tolist() == b["tile_id"].tolist()
+        np.testing.assert_allclose(a["sim_tumor"], b["sim_tumor"], atol=1e-4)
+    for sid, t in stamps.items():   # finished slides were not recomputed
+        assert (res[sid] / "_COMPLETE.json").stat().st_mtime_ns == t
+
+
+def test_slides_and_outputs_in_s3(ray_local, s3_server, s3_bucket, slides_dir, tmp_path):
+    import boto3
+    import fsspec
+    local = make_cohort(tmp_path / "c", n=1).parent
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for name in ("syn-0.svs", "syn-0.geojson"):
+        s3.upload_file(str(local / name), s3_bucket, f"cohort/{name}")
+    s3.upload_file(str(slides_dir / "CMU-1-Small-Region.svs"), s3_bucket, "cohort/cmu.svs")
+    manifest = ("slide_id,uri,annotation_uri,dataset,center\n"
+                "syn-0,syn-0.svs,syn-0.geojson,synthetic,A\n"   # relative to the manifest's folder
+                f"cmu,s3://{s3_bucket}/cohort/cmu.svs,,real,B\n"
+                f"gone,s3://{s3_bucket}/cohort/gone.svs,,real,B\n")
+    s3.put_object(Bucket=s3_bucket, Key="cohort/manifest.csv", Body=manifest.encode())
+    out = f"s3://{s3_bucket}/results"
+    cfg = job_config(f"s3://{s3_bucket}/cohort/manifest.csv", out)
+    summary = run_cohort(cfg, progress=False)
+    assert (summary.ok, summary.failed) == (2, 1)
+    fs = fsspec.filesystem("s3")
+    markers = fs.glob(f"{s3_bucket}/results/slides/*/results/*/*/_COMPLETE.json")
+    assert sorted(m.split("/")[3] for m in markers) == ["cmu", "syn-0"]
+    errors = pd.read_csv(io.BytesIO(fs.cat(fs.glob(f"{s3_bucket}/results/cohort/*/errors.csv")[0])))
+    assert errors["slide_id"].tolist() == ["gone"] and "s3://" in errors["error"][0]
+    emb = pq.read_table(io.BytesIO(fs.cat(fs.glob(f"{s3_bucket}/results/slides/cmu/embeddings/*/*/embeddings.parquet")[0])))
+    assert emb.num_rows > 0
+    again = run_cohort(cfg, progress=False)            # complete slides in the bucket are skipped
+    assert again.skipped == 2 and again.tiles_encoded == 0
