@@ -202,7 +202,8 @@ def _pool_settings(cfg: JobConfig):
         batch = cfg.model.batch_size or 64
         n_read = cfg.ray.num_readers or max(1, int(cpus) - n_enc)
     else:      # CPU encoders take most cores (torch threads); reading needs little next to them
-        enc_args = {"num_cpus": cfg.ray.encoder_cpus or max(1, int((cpus - 1) // n_enc))}
+        biggest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+        enc_args = {"num_cpus": cfg.ray.encoder_cpus or max(1, min(int((cpus - 1) // n_enc), int(biggest_node)))}
         batch = cfg.model.batch_size or 16
         n_read = cfg.ray.num_readers or max(1, int(cpus - enc_args["num_cpus"] * n_enc))
     return n_enc, enc_args, batch, n_read

@@ -2,13 +2,14 @@
 embedding size, tokenizer), plus the generic id families."""
 from __future__ import annotations
 
-from ..encoders.preprocess import mean_std_name
-from ..encoders.registry import GENERIC, MODELS
 
 COLUMNS = ("id", "weights", "licence", "gated", "input", "mean/std", "dim", "tokenizer", "context")
 
 
 def registry_rows() -> list[tuple[str, ...]]:
+    # Imported here: the registry pulls in torch, which every other `zeus` command would pay for.
+    from ..encoders.preprocess import mean_std_name
+    from ..encoders.registry import MODELS
     rows = []
     for entry in MODELS.values():
         s = entry.spec
@@ -31,6 +32,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
+    from ..encoders.registry import GENERIC
     print(format_table(registry_rows()))
     print("\ninput: shortest side resized (interpolation, antialiased), then center crop; "
           "gated repos need `hf auth login` after accepting the terms on the hub.")
