@@ -185,3 +185,56 @@ def test_slides_and_outputs_in_s3(ray_local, s3_server, s3_bucket, slides_dir, t
     assert emb.num_rows > 0
     again = run_cohort(cfg, progress=False)            # complete slides in the bucket are skipped
     assert again.skipped == 2 and again.tiles_encoded == 0
+
+
+def test_prompt_ablation_from_cached_embeddings(full_run, cohort):
+    from zeus_ray.commands.reprompt import reprompt_config
+    from zeus_ray.encoders.registry import load_encoder
+    from zeus_ray.prompt_ablation import encode_prompts, run_ablation, variant_matrices, variants
+    from zeus_ray.prompts import class_embeddings, load_prompt_set, parse_prompt_set
+    out, _ = full_run
+    cfg = reprompt_config(str(out), "prompts/ai4skin-leiomyoma.yaml", None, [], None)
+    per_slide, table, where = run_ablation(cfg)
+    ps = load_prompt_set("prompts/ai4skin-leiomyoma.yaml")
+    assert per_slide["variant"].nunique() == 1 + 7 + 12 + 15 and per_slide["slide_id"].nunique() == 3
+    # The full ensemble reproduces the run's Dice.
+    run = pd.read_csv(next(p for p in out.glob("cohort/*/slides.csv") if "dice" in p.read_text()))
+    full = per_slide[per_slide["variant"] == "full"].set_index("slide_id")["dice"]
+    np.testing.assert_allclose(full.sort_index(), run.set_index("slide_id")["dice"].sort_index(), atol=1e-9)
+    # A leave-one-template-out class matrix equals Eq. 1 on the prompt file without that template.
+    enc = load_encoder(cfg.model)
+    vs = variants(ps)
+    mats = variant_matrices(encode_prompts(enc, ps), vs)
+    t = ps.templates[3]
+    v = [i for i, x in enumerate(vs) if x.name == "-template " + t.replace("CLASSNAME", "…")][0]
+    data = ps.model_dump()
+    data["templates"] = [x for x in data["templates"] if x != t]
+    np.testing.assert_allclose(mats[v], class_embeddings(enc, parse_prompt_set(data)), atol=1e-5)
+    assert (Path(where) / "summary.md").read_text().count("|") > 30
+
+
+def test_reprompt_reads_no_slide(full_run, cohort, tmp_path):
+    """With every slide file moved away, a re-prompt still completes from the stored embeddings."""
+    from zeus_ray.commands.reprompt import reprompt_config
+    out, _ = full_run
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    slides = sorted(cohort.parent.glob("*.svs"))
+    for s in slides:
+        s.rename(hidden / s.name)
+    try:
+        cfg = reprompt_config(str(out), "prompts/metastasis.yaml", "random:vit_tiny_patch16_224", [], None)
+        summary = run_cohort(cfg, progress=False, reprompt=True)
+        assert (summary.ok, summary.failed, summary.tiles_encoded) == (3, 0, 0)
+        keys = {p.parent.name for p in out.glob("slides/syn-0/results/*/*/_COMPLETE.json")}
+        assert summary.prompt_key in keys and len(keys) >= 2      # earlier results kept beside it
+        # A slide with no stored embeddings is reported, not read.
+        extra = cohort.parent / "manifest-extra.csv"
+        extra.write_text(cohort.read_text() + f"newcomer,{hidden / slides[0].name},,synthetic,A,\n")
+        cfg2 = reprompt_config(str(out), "prompts/metastasis.yaml", None, [f"input.manifest={extra}"], None)
+        s2 = run_cohort(cfg2, progress=False, reprompt=True)
+        assert (s2.ok, s2.failed, s2.skipped) == (3, 1, 3)
+        assert "run `zeus run`" in [r for r in s2.rows if r["slide_id"] == "newcomer"][0]["error"]
+    finally:
+        for s in slides:
+            (hidden / s.name).rename(s)

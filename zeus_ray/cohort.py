@@ -20,7 +20,21 @@ def cohort_dir(store: OutputStore, prompt_key: str) -> str:
 
 def write_cohort_outputs(store: OutputStore, summary, cfg, prompt_set) -> str:
     out = cohort_dir(store, summary.prompt_key)
-    df = pd.DataFrame(summary.rows).sort_values("slide_id").reset_index(drop=True)
+    write_slide_tables(store, out, pd.DataFrame(summary.rows), cfg.model.id)
+    store.write_json(f"{out}/run.json", {
+        "config": cfg.model_dump(), "prompt_key": summary.prompt_key, "prompt_file": cfg.prompts.file,
+        "classes": prompt_set.class_names, "summary": summary.line()})
+    try:
+        from .report import write_report
+        write_report(store, summary.prompt_key)
+    except Exception as e:  # noqa: BLE001 - the report is a view; the committed results stand without it
+        log.warning("cohort report not written: %s: %s", type(e).__name__, e)
+    return out
+
+
+def write_slide_tables(store: OutputStore, out: str, df: pd.DataFrame, model_id: str) -> pd.DataFrame:
+    """slides.csv/.parquet, errors.csv/.parquet and Table 1/2 under `out` (also used by zeus evaluate)."""
+    df = df.sort_values("slide_id").reset_index(drop=True)
     for col in ("dataset", "center", "error"):
         if col in df:
             df[col] = df[col].astype("string")
@@ -29,18 +43,18 @@ def write_cohort_outputs(store: OutputStore, summary, cfg, prompt_set) -> str:
     errors = df[df["status"].isin(ERROR_STATUSES)][["slide_id", "status", "error"]]
     store.write_bytes(f"{out}/errors.csv", errors.to_csv(index=False).encode())
     store.write_parquet(f"{out}/errors.parquet", pa.Table.from_pandas(errors.reset_index(drop=True), preserve_index=False))
-    store.write_json(f"{out}/run.json", {
-        "config": cfg.model_dump(), "prompt_key": summary.prompt_key, "prompt_file": cfg.prompts.file,
-        "classes": prompt_set.class_names, "summary": summary.line()})
-    _write_tables(store, out, df, cfg)
-    return out
+    _write_tables(store, out, df, model_id)
+    return df
 
 
-def _write_tables(store: OutputStore, out: str, df: pd.DataFrame, cfg) -> None:
+def _write_tables(store: OutputStore, out: str, df: pd.DataFrame, model_id: str) -> None:
     """Table 1 / Table 2 layouts from per-slide metrics, when any slide has ground truth."""
     if "dice" not in df or df["dice"].notna().sum() == 0:
+        for stale in (f"{out}/{t}.{ext}" for t in ("table1", "table2") for ext in ("csv", "parquet", "md")):
+            if store.exists(stale):   # an earlier evaluation's tables no longer hold
+                store.fs.rm(stale)
         return
     from .metrics import cohort_tables, write_tables
     ok = df[df["status"] == "ok"].copy()
-    ok["model"] = cfg.model.id
+    ok["model"] = model_id
     write_tables(cohort_tables(ok), store.uri(out))

@@ -167,10 +167,11 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> JobConfig:
-    """Load and validate a job config. `extra` (from CLI flags) beats `overrides` beats the file."""
-    data: dict[str, Any] = {}
-    source = "config"
+                extra: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> JobConfig:
+    """Load and validate a job config. `extra` (from CLI flags) beats `overrides` beats the file
+    (or `base`, an already-parsed config such as the one stored with a run's results)."""
+    data: dict[str, Any] = dict(base or {})
+    source = "config" if base is None else "stored run config"
     if path is not None:
         source = str(path)
         try:

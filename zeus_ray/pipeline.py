@@ -174,6 +174,13 @@ def tiling_key(cfg: JobConfig) -> str:
 _PASS_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HF_", "FSSPEC_", "ZEUS_")
 
 
+def slide_keys(store: OutputStore, e: SlideEntry, tkey: str, model_key: str, pkey: str) -> Keys:
+    skey = stable_hash([tkey, e.mpp], 12)   # an mpp override moves every tile
+    return Keys(skey, model_key, pkey, store.slide_dir(e.slide_id, "tiles", skey),
+                store.slide_dir(e.slide_id, "embeddings", skey, safe_component(model_key)),
+                store.slide_dir(e.slide_id, "results", skey, pkey))
+
+
 def init_ray(cfg: JobConfig):
     import ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -209,7 +216,10 @@ def _pool_settings(cfg: JobConfig):
     return n_enc, enc_args, batch, n_read
 
 
-def run_cohort(cfg: JobConfig, *, progress: bool = True) -> RunSummary:
+def run_cohort(cfg: JobConfig, *, progress: bool = True, reprompt: bool = False) -> RunSummary:
+    """Segment the cohort. With `reprompt`, only stored embeddings are used: no slide is opened
+    and no image encoded; a slide without stored embeddings for this tiling and model is
+    reported as failed with a hint to run `zeus run` first."""
     import ray
 
     t0 = time.perf_counter()
@@ -218,39 +228,42 @@ def run_cohort(cfg: JobConfig, *, progress: bool = True) -> RunSummary:
     store = OutputStore(cfg.output.root)
     started = init_ray(cfg)
     try:
-        return _run(cfg, entries, prompt_set, store, t0, progress)
+        return _run(cfg, entries, prompt_set, store, t0, progress, reprompt)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(cfg, entries, prompt_set, store, t0, progress) -> RunSummary:
+def _run(cfg, entries, prompt_set, store, t0, progress, reprompt=False) -> RunSummary:
     import ray
     import ray.data
 
     class_matrix, model_key, logit_scale, _ = ray.get(ray.remote(text_stage).options(num_cpus=1).remote(cfg.model, prompt_set))
     pkey = make_prompt_key(prompt_set, model_key)
     tkey = tiling_key(cfg)
-    mtag = safe_component(model_key)
     summary = RunSummary(root=store.root_uri, prompt_key=pkey)
     keys_of, source_ids = {}, {}
     for e in entries:
-        skey = stable_hash([tkey, e.mpp], 12)   # an mpp override moves every tile
-        keys_of[e.slide_id] = Keys(skey, model_key, pkey, store.slide_dir(e.slide_id, "tiles", skey),
-                                   store.slide_dir(e.slide_id, "embeddings", skey, mtag),
-                                   store.slide_dir(e.slide_id, "results", skey, pkey))
-        source_ids[e.slide_id] = source_identity(e.uri)
+        keys_of[e.slide_id] = slide_keys(store, e, tkey, model_key, pkey)
+        # A re-prompt trusts the stored embeddings and does not even stat the slide.
+        source_ids[e.slide_id] = None if reprompt else source_identity(e.uri)
     by_id = {e.slide_id: e for e in entries}
     to_encode, to_reduce = [], []
     for e in entries:
         k = keys_of[e.slide_id]
+        emb_done = store.complete(k.emb_dir)
+        if reprompt:   # reuse the source identity recorded with the embeddings
+            source_ids[e.slide_id] = (emb_done or {}).get("source")
         src = source_ids[e.slide_id]
         done = store.complete(k.res_dir)
         if done is not None and done.get("source") == src:
             summary.rows.append(done)
             summary.skipped += 1
-        elif (store.complete(k.emb_dir) or {}).get("source") == src:
+        elif emb_done is not None and emb_done.get("source") == src:
             to_reduce.append(e)
+        elif reprompt:
+            summary.rows.append(_status(e, FAILED, f"slide {e.slide_id!r}: no stored embeddings for this tiling "
+                                        f"and model ({model_key}); run `zeus run` on it first"))
         else:
             to_encode.append(e)
     log.info("%d slides: %d complete, %d to reduce from cached embeddings, %d to read and encode",

@@ -92,6 +92,43 @@ def load_tissue_mask(store: OutputStore, tiles_dir: str) -> tuple[np.ndarray, fl
     return mask, mpp
 
 
+@dataclass
+class SlideGrid:
+    """A slide's tiles (sorted by tile_id), grid geometry and tissue on the cell grid."""
+    tiles: pa.Table
+    grid: TileGrid
+    geom: object
+    shape: tuple[int, int]
+    cell_um: float
+    tissue_cells: np.ndarray
+
+    @property
+    def cell0(self) -> float:
+        return self.cell_um / self.grid.mpp0
+
+    def maps(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return average_maps(self.tiles["grid_row"].to_numpy(), self.tiles["grid_col"].to_numpy(), scores,
+                            self.shape, self.geom)
+
+    def labels(self, maps: np.ndarray) -> np.ndarray:
+        return argmax_mask(maps, valid=self.tissue_cells)
+
+
+def load_slide_grid(store: OutputStore, tiles_dir: str) -> SlideGrid:
+    tiles = store.read_parquet(f"{tiles_dir}/tiles.parquet")
+    grid = TileGrid.from_json(tiles.schema.metadata[GRID_METADATA_KEY])
+    geom = cell_geometry(grid.patch_size, grid.stride)
+    shape = grid_shape(grid.n_rows, grid.n_cols, geom)
+    cell_um = geom.cell * grid.target_mpp
+    tissue, tissue_mpp = load_tissue_mask(store, tiles_dir)
+    return SlideGrid(tiles.sort_by("tile_id"), grid, geom, shape, cell_um,
+                     resample_mask_to_grid(tissue, tissue_mpp, shape, cell_um))
+
+
+def load_embeddings(store: OutputStore, emb_dir: str) -> np.ndarray:
+    return embeddings_from_table(store.read_parquet(f"{emb_dir}/embeddings.parquet").sort_by("tile_id"))
+
+
 def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[str], tumour_index: int,
                  class_matrix: np.ndarray, logit_scale: float, embeddings: np.ndarray | None,
                  tile_ids: np.ndarray | None, embedding_dtype: str = "float16",
@@ -99,9 +136,8 @@ def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[
     """Write the slide's embedding table (when new) and its results; return its result row."""
     t0 = time.perf_counter()
     sid = entry["slide_id"]
-    tiles = store.read_parquet(f"{keys.tiles_dir}/tiles.parquet")
-    grid = TileGrid.from_json(tiles.schema.metadata[GRID_METADATA_KEY])
-    tiles = tiles.sort_by("tile_id")
+    sg = load_slide_grid(store, keys.tiles_dir)
+    tiles, grid, cell_um, tissue_cells = sg.tiles, sg.grid, sg.cell_um, sg.tissue_cells
     if embeddings is not None:
         order = np.argsort(tile_ids)
         if not np.array_equal(np.asarray(tile_ids)[order], tiles["tile_id"].to_numpy()):
@@ -113,30 +149,24 @@ def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[
         store.commit(keys.emb_dir, {"slide_id": sid, "n_tiles": len(tiles), "tiling_key": keys.tiling_key,
                                     "model_key": keys.model_key, "source": entry.get("source")})
     else:
-        table = store.read_parquet(f"{keys.emb_dir}/embeddings.parquet").sort_by("tile_id")
-        embeddings = embeddings_from_table(table)
+        embeddings = load_embeddings(store, keys.emb_dir)
     scores = cosine_scores(embeddings, class_matrix)
     store.write_parquet(f"{keys.res_dir}/similarities.parquet", similarity_table(sid, tiles, scores, class_names, keys))
 
-    geom = cell_geometry(grid.patch_size, grid.stride)
-    shape = grid_shape(grid.n_rows, grid.n_cols, geom)
-    maps, counts = average_maps(tiles["grid_row"].to_numpy(), tiles["grid_col"].to_numpy(), scores, shape, geom)
-    cell_um = geom.cell * grid.target_mpp
-    tissue, tissue_mpp = load_tissue_mask(store, keys.tiles_dir)
-    tissue_cells = resample_mask_to_grid(tissue, tissue_mpp, shape, cell_um)
-    labels = argmax_mask(maps, valid=tissue_cells)
+    maps, counts = sg.maps(scores)
+    labels = sg.labels(maps)
     tumour = labels == tumour_index
     cell_mm2 = (cell_um / 1000.0) ** 2
     probs = softmax_maps(maps, logit_scale)
 
     res = keys.res_dir
     store.write_bytes(f"{res}/mask_{cell_um:.2f}mpp.png", _png((tumour * 255).astype(np.uint8),
-                      mpp=cell_um, cell0=geom.cell * grid.target_mpp / grid.mpp0, origin="0,0"))
+                      mpp=cell_um, cell0=sg.cell0, origin="0,0"))
     store.write_bytes(f"{res}/labels_{cell_um:.2f}mpp.png", _png((labels + 1).astype(np.uint8),
                       classes="background," + ",".join(class_names), mpp=cell_um))
     buf = io.BytesIO()
     np.savez_compressed(buf, maps=maps, probs=probs, counts=counts, tissue=tissue_cells,
-                        cell_um=cell_um, cell0=geom.cell * grid.target_mpp / grid.mpp0,
+                        cell_um=cell_um, cell0=sg.cell0,
                         classes=np.array(class_names))
     store.write_bytes(f"{res}/maps.npz", buf.getvalue())
     row = {

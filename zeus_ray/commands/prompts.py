@@ -18,6 +18,24 @@ def register(sub) -> None:
     s.add_argument("--list", action="store_true", help="also print every prompt")
     add_set_option(s)
     s.set_defaults(handler=_show)
+    a = psub.add_parser("ablate", help="Dice of the full ensemble and of leave-one-out variants, from cached "
+                                       "embeddings and the annotations (no slide read, no image encoded)")
+    a.add_argument("--results", required=True, help="output root of an earlier `zeus run`")
+    a.add_argument("--prompts", required=True, help="prompt ensemble YAML to study")
+    a.add_argument("--model", help="model id whose embeddings to use (default: the one of the latest run)")
+    add_set_option(a)
+    a.set_defaults(handler=_ablate)
+
+
+def _ablate(args) -> int:
+    from ..prompt_ablation import run_ablation, to_markdown
+    from .reprompt import reprompt_config
+    cfg = reprompt_config(args.results, args.prompts, args.model, args.overrides, None)
+    per_slide, table, out = run_ablation(cfg)
+    print(to_markdown(table))
+    print(f"zeus prompts ablate: {per_slide['slide_id'].nunique()} slides, {table['variant'].nunique()} variants; "
+          f"tables in {out}")
+    return 0
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -1,0 +1,257 @@
+"""Boundary-adaptive overlap (issue #7): encode overlapping tiles only where the decision can change.
+
+Full overlap encodes every kept tile position of the stride grid (16 per tile area at 448/112). The
+overlap only changes the mask where the class decision is close, so this mode encodes in passes:
+
+1. `first_pass`: the non-overlapping grid (every (patch // stride)-th row and column) among the
+   kept positions.
+2. `next_pass`: from the scores encoded so far, the cells (inside tissue) that are still undecided:
+   no encoded tile covers them, their class margin (best minus second-best overlap-averaged
+   similarity) is below `margin`, or the encoded tiles covering them disagree on the argmax. The
+   positions whose tile covers an undecided cell, dilated by `dilation` positions, that are kept and
+   not yet encoded, form the next pass. An empty pass ends the loop.
+
+Maps always average, per cell, the tiles encoded (rasterise.average_maps): wherever every kept tile
+covering a cell was encoded, its value is the paper's Eq. 4 exactly. A cell's covering tiles are all
+encoded as soon as it is undecided once, so the loop only ever adds tiles (it ends after at most
+one pass per kept position). With margin = inf every tissue cell is undecided, so every kept
+position covering a tissue cell is encoded and the maps and mask equal full overlap's on the tissue.
+
+Resume: a pass's selection depends only on the tiles of the earlier passes, so the state records the
+pass each tile was encoded in (`AdaptiveState.passes`). A run cut short inside pass p restarts by
+recomputing pass p's selection from passes < p and encoding only what is missing: the final state
+is the one an uninterrupted run gives (a tile's scores do not depend on other tiles).
+
+Pure numpy (+ OpenCV for the dilation); the pipeline supplies `encode_fn` (a Ray Data pass).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .errors import ConfigError
+from .rasterise import CellGeometry, average_maps, cell_geometry, grid_shape
+
+# encode_fn(positions int64 (N, 2) of (grid_row, grid_col), pass number) -> scores (N, n_classes)
+EncodeFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+def check_settings(margin: float, dilation: int) -> None:
+    """Margin ≥ 0 (inf: refine everywhere = full overlap) and an integer dilation ≥ 0."""
+    if not (isinstance(margin, (int, float)) and not math.isnan(margin) and margin >= 0):
+        raise ConfigError(f"adaptive margin {margin!r}: must be a number ≥ 0 (inf refines everywhere, "
+                          f"i.e. full overlap)")
+    if isinstance(dilation, bool) or not isinstance(dilation, (int, np.integer)) or dilation < 0:
+        raise ConfigError(f"adaptive dilation {dilation!r}: must be a whole number of tile positions ≥ 0")
+
+
+def _bool_grid(a, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2 or (shape is not None and a.shape != tuple(shape)):
+        raise ValueError(f"{name} must be a 2-D array{f' of shape {tuple(shape)}' if shape else ''}, "
+                         f"got shape {a.shape}")
+    return a.astype(bool, copy=False)
+
+
+def first_pass(kept, patch_size: int, stride: int) -> np.ndarray:
+    """The kept positions of the non-overlapping grid (stride = patch): rows and columns that are
+    multiples of patch // stride. When patch is not a multiple of stride the step rounds down, so
+    first-pass tiles still leave no gap. Kept tissue that no first-pass tile covers (its grid
+    position was dropped for low tissue) is undecided, so `next_pass` covers it."""
+    kept = _bool_grid(kept, "kept")
+    m = max(1, int(patch_size) // int(stride))
+    grid = np.zeros_like(kept)
+    grid[::m, ::m] = True
+    return grid & kept
+
+
+def cell_maps(encoded, scores, patch_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlap-averaged class maps (C, H, W) over the encoded positions and the tile count per
+    cell (rasterise.average_maps; NaN where no encoded tile covers a cell)."""
+    encoded = _bool_grid(encoded, "encoded")
+    geom = cell_geometry(patch_size, stride)
+    rows, cols = np.nonzero(encoded)
+    scores = np.asarray(scores)
+    if scores.ndim != 3 or scores.shape[:2] != encoded.shape:
+        raise ValueError(f"scores must be (R, C, n_classes) with (R, C) = {encoded.shape}, got {scores.shape}")
+    return average_maps(rows, cols, scores[rows, cols], grid_shape(*encoded.shape, geom), geom)
+
+
+def undecided_cells(encoded, scores, tissue_cells, patch_size: int, stride: int, margin: float) -> np.ndarray:
+    """Tissue cells (H, W) that no encoded tile covers, whose margin (best minus second-best
+    averaged similarity) is below `margin` (every covered cell when margin is inf), or whose
+    covering encoded tiles disagree on the argmax."""
+    encoded = _bool_grid(encoded, "encoded")
+    geom = cell_geometry(patch_size, stride)
+    tissue = _bool_grid(tissue_cells, "tissue_cells", grid_shape(*encoded.shape, geom))
+    scores = np.asarray(scores)
+    if scores.ndim != 3 or scores.shape[:2] != encoded.shape:
+        raise ValueError(f"scores must be (R, C, n_classes) with (R, C) = {encoded.shape}, got {scores.shape}")
+    if not encoded.any():
+        return tissue.copy()
+    n_cls = scores.shape[2]
+    rows, cols = np.nonzero(encoded)
+    s = np.asarray(scores[rows, cols], dtype=np.float64)
+    if not np.isfinite(s).all():
+        raise ValueError("scores of encoded positions must be finite")
+    # One rasterisation gives both the averaged scores and, per class, the fraction of covering
+    # tiles whose own argmax is that class (all tiles agree ⇔ some fraction is 1).
+    votes = np.eye(n_cls)[np.argmax(s, axis=1)]
+    both, counts = average_maps(rows, cols, np.concatenate([s, votes], axis=1),
+                                grid_shape(*encoded.shape, geom), geom)
+    covered = counts > 0
+    maps, agree = both[:n_cls], both[n_cls:]
+    if math.isinf(margin):
+        low = covered
+    elif n_cls < 2:
+        low = np.zeros_like(covered)
+    else:
+        top = np.sort(np.where(covered, maps, 0.0), axis=0)
+        low = covered & ((top[-1] - top[-2]) < margin)
+    disagree = covered & (np.where(covered, agree, 1.0).max(axis=0) < 1.0)
+    return tissue & (~covered | low | disagree)
+
+
+def _positions_covering(cells: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry) -> np.ndarray:
+    """(R, C): whether the tile at each position covers any True cell (k × k box sums)."""
+    sat = np.zeros((cells.shape[0] + 1, cells.shape[1] + 1), np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(cells, axis=0, dtype=np.int64), axis=1)
+    r0, c0 = np.arange(n_rows) * geom.s, np.arange(n_cols) * geom.s
+    r1, c1 = r0 + geom.k, c0 + geom.k
+    box = sat[np.ix_(r1, c1)] - sat[np.ix_(r0, c1)] - sat[np.ix_(r1, c0)] + sat[np.ix_(r0, c0)]
+    return box > 0
+
+
+def next_pass(kept, encoded, scores, tissue_cells, patch_size: int, stride: int, *,
+              margin: float, dilation: int) -> np.ndarray:
+    """The positions (R, C) to encode next: kept, not yet encoded, and within `dilation` positions
+    (a (2d+1)² square on the position grid) of a position whose tile covers an undecided cell
+    (`undecided_cells`). Dilating positions by d equals dilating the undecided cells by d strides
+    before looking for covering tiles. Empty when nothing is left to decide: the loop ends."""
+    check_settings(margin, dilation)
+    kept = _bool_grid(kept, "kept")
+    encoded = _bool_grid(encoded, "encoded", kept.shape)
+    geom = cell_geometry(patch_size, stride)
+    undecided = undecided_cells(encoded, scores, tissue_cells, patch_size, stride, margin)
+    need = _positions_covering(undecided, *kept.shape, geom)
+    if dilation and need.any():
+        size = 2 * int(dilation) + 1
+        need = cv2.dilate(need.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
+    return need & kept & ~encoded
+
+
+@dataclass
+class AdaptiveState:
+    """What a run has encoded: `passes` int16 (R, C), 0 = not encoded, p = encoded in pass p (1 is
+    the first pass); `scores` float64 (R, C, n_classes), NaN where not encoded. Persist both (e.g.
+    a pass column beside each tile's scores) to resume; `from_records` rebuilds it."""
+    passes: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def encoded(self) -> np.ndarray:
+        return self.passes > 0
+
+    @property
+    def n_encoded(self) -> int:
+        return int(np.count_nonzero(self.passes))
+
+    @property
+    def n_passes(self) -> int:
+        return int(self.passes.max(initial=0))
+
+    @property
+    def pass_counts(self) -> list[int]:
+        """Tiles encoded in each pass, pass 1 first."""
+        return np.bincount(self.passes.ravel(), minlength=self.n_passes + 1)[1:].tolist()
+
+    def records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(grid_rows, grid_cols, passes, scores (N, n_classes)) of the encoded positions, row-major."""
+        rows, cols = np.nonzero(self.passes)
+        return rows, cols, self.passes[rows, cols], self.scores[rows, cols]
+
+    @classmethod
+    def from_records(cls, n_rows: int, n_cols: int, grid_rows, grid_cols, passes, scores) -> "AdaptiveState":
+        """Rebuild a (possibly partial) state from stored rows, e.g. after a crash."""
+        rows, cols = np.asarray(grid_rows, np.int64), np.asarray(grid_cols, np.int64)
+        passes, scores = np.asarray(passes), np.atleast_2d(np.asarray(scores, np.float64))
+        if not (len(rows) == len(cols) == len(passes) == len(scores)):
+            raise ValueError("grid_rows, grid_cols, passes and scores must have one entry per tile")
+        if len(rows) and (rows.min() < 0 or cols.min() < 0 or rows.max() >= n_rows or cols.max() >= n_cols
+                          or passes.min() < 1):
+            raise ValueError("a stored tile lies outside the grid or has a pass number < 1")
+        state = cls(np.zeros((n_rows, n_cols), np.int16), np.full((n_rows, n_cols, scores.shape[1]), np.nan))
+        state.passes[rows, cols] = passes
+        state.scores[rows, cols] = scores
+        return state
+
+
+def _encode(state: AdaptiveState | None, todo: np.ndarray, p: int, encode_fn: EncodeFn) -> AdaptiveState:
+    rows, cols = np.nonzero(todo)
+    out = np.asarray(encode_fn(np.stack([rows, cols], axis=1).astype(np.int64), p), dtype=np.float64)
+    if out.ndim != 2 or len(out) != len(rows) or not np.isfinite(out).all():
+        raise ValueError(f"encode_fn must return finite scores (N, n_classes) for its N = {len(rows)} "
+                         f"positions, got shape {out.shape}")
+    if state is None or state.n_encoded == 0:
+        state = AdaptiveState(np.zeros(todo.shape, np.int16), np.full((*todo.shape, out.shape[1]), np.nan))
+    elif out.shape[1] != state.scores.shape[2]:
+        raise ValueError(f"encode_fn returned {out.shape[1]} classes, the state holds {state.scores.shape[2]}")
+    state.passes[rows, cols] = p
+    state.scores[rows, cols] = out
+    return state
+
+
+def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, stride: int, *,
+                 margin: float, dilation: int, state: AdaptiveState | None = None,
+                 max_passes: int | None = None) -> AdaptiveState:
+    """Encode passes until none is needed (or `max_passes` passes exist); return the state.
+
+    encode_fn(positions int64 (N, 2) of (grid_row, grid_col), pass number) returns the class
+    scores (N, n_classes) of those tiles; it is called once per non-empty pass. `state`, from a
+    run that stopped (even inside a pass), is continued: its last pass is completed, then the loop
+    goes on, to the state an uninterrupted run reaches. Raises ConfigError when the state could not
+    have come from these settings (a different margin, dilation, tissue or kept set)."""
+    check_settings(margin, dilation)
+    kept = _bool_grid(kept, "kept")
+    geom = cell_geometry(patch_size, stride)
+    _bool_grid(tissue_cells, "tissue_cells", grid_shape(*kept.shape, geom))
+    if max_passes is not None and max_passes < 1:
+        raise ConfigError(f"adaptive max_passes {max_passes!r}: must be ≥ 1 (or unset)")
+
+    def select(p: int, before: np.ndarray) -> np.ndarray:   # pass p's selection, from passes < p
+        if p == 1:
+            return first_pass(kept, patch_size, stride)
+        return next_pass(kept, before, state.scores, tissue_cells, patch_size, stride,
+                         margin=margin, dilation=dilation)
+
+    if state is None or state.n_encoded == 0:
+        state, p = None, 1
+        todo = first_pass(kept, patch_size, stride)
+    else:
+        if state.passes.shape != kept.shape or state.scores.shape[:2] != kept.shape:
+            raise ValueError(f"state is for a {state.passes.shape} grid, kept is {kept.shape}")
+        state = AdaptiveState(state.passes.copy(), state.scores.copy())
+        p = state.n_passes
+        sel = select(p, (state.passes > 0) & (state.passes < p))
+        done = state.passes == p
+        if (state.encoded & ~kept).any() or (done & ~sel).any():
+            raise ConfigError(f"adaptive resume: the stored tiles of pass {p} are not what these settings "
+                              f"select (margin={margin}, dilation={dilation}); re-run with the settings that "
+                              f"made them, or delete the slide's stored tiles to start over")
+        todo = sel & ~done
+    while True:
+        if todo.any():
+            state = _encode(state, todo, p, encode_fn)
+        if state is None:   # an empty first pass: later passes cover the tissue it left out
+            state = AdaptiveState(np.zeros(kept.shape, np.int16), np.zeros((*kept.shape, 0)))
+        if max_passes is not None and p >= max_passes:
+            break
+        todo = select(p + 1, state.encoded)
+        if not todo.any():
+            break
+        p += 1
+    return state
