@@ -23,9 +23,9 @@ def make_cohort(folder: Path, n: int = 2, width: int = 2400, height: int = 1800,
     return manifest
 
 
-def job_config(manifest, out, *more_sets: str):
+def job_config(manifest, out, *more_sets: str, cache=None):
     from zeus_ray.config import load_config
     sets = [f"input.manifest={manifest}", f"output.root={out}", "model.id=random:vit_tiny_patch16_224",
-            "model.batch_size=16", f"cache.dir={Path(out).parent / 'cache'}"]
+            "model.batch_size=16", f"cache.dir={cache or Path(out).parent / 'cache'}"]
     sets += list(more_sets)
     return load_config(None, sets)

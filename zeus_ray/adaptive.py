@@ -1,28 +1,31 @@
 """Boundary-adaptive overlap (issue #7): encode overlapping tiles only where the decision can change.
 
-Full overlap encodes every kept tile position of the stride grid (16 per tile area at 448/112). The
-overlap only changes the mask where the class decision is close, so this mode encodes in passes:
+Full overlap encodes every kept position of the stride grid ((patch/stride)² = 16 tiles per tile
+area at 448/112). Overlap only changes the mask near contours and where the class decision is
+close, so this mode encodes in passes:
 
-1. `first_pass`: the non-overlapping grid (every (patch // stride)-th row and column) among the
-   kept positions.
-2. `next_pass`: from the scores encoded so far, the cells (inside tissue) that are still undecided:
-   no encoded tile covers them, their class margin (best minus second-best overlap-averaged
-   similarity) is below `margin`, or the encoded tiles covering them disagree on the argmax. The
-   positions whose tile covers an undecided cell, dilated by `dilation` positions, that are kept and
-   not yet encoded, form the next pass. An empty pass ends the loop.
+1. `first_pass`: the kept positions of the non-overlapping grid (stride = patch), plus a few kept
+   tiles for tissue that grid leaves uncovered (positions dropped for low tissue, the last rows).
+2. `next_pass`: the cells (inside tissue) that are still undecided (`undecided_cells`): no encoded
+   tile covers them; their margin (best minus second-best overlap-averaged similarity) is below
+   `margin`; the encoded tiles covering them disagree on the argmax; or their label differs from a
+   neighbour's (the contour, which overlap moves even when both sides are confident). Every kept,
+   not yet encoded position whose tile covers an undecided cell, dilated by `dilation` positions,
+   is in the next pass. An empty pass ends the loop.
 
-Maps always average, per cell, the tiles encoded (rasterise.average_maps): wherever every kept tile
-covering a cell was encoded, its value is the paper's Eq. 4 exactly. A cell's covering tiles are all
-encoded as soon as it is undecided once, so the loop only ever adds tiles (it ends after at most
-one pass per kept position). With margin = inf every tissue cell is undecided, so every kept
-position covering a tissue cell is encoded and the maps and mask equal full overlap's on the tissue.
+Maps average, per cell, the tiles encoded (rasterise.average_maps): wherever every kept tile
+covering a cell was encoded, its value is the paper's Eq. 4 exactly. Once a cell is undecided all
+its kept covering tiles are encoded, so contour cells end with exact values on both sides, and the
+loop ends (each pass adds tiles; at most one pass per kept position). With margin = inf every
+tissue cell is undecided: every kept position covering a tissue cell is encoded and the maps on
+the tissue, and the mask, equal full overlap's.
 
 Resume: a pass's selection depends only on the tiles of the earlier passes, so the state records the
 pass each tile was encoded in (`AdaptiveState.passes`). A run cut short inside pass p restarts by
 recomputing pass p's selection from passes < p and encoding only what is missing: the final state
 is the one an uninterrupted run gives (a tile's scores do not depend on other tiles).
 
-Pure numpy (+ OpenCV for the dilation); the pipeline supplies `encode_fn` (a Ray Data pass).
+Pure numpy (+ OpenCV for the dilation); the pipeline supplies `encode_fn` (e.g. a Ray Data pass).
 """
 from __future__ import annotations
 
@@ -57,16 +60,49 @@ def _bool_grid(a, name: str, shape: tuple[int, int] | None = None) -> np.ndarray
     return a.astype(bool, copy=False)
 
 
-def first_pass(kept, patch_size: int, stride: int) -> np.ndarray:
+def first_pass(kept, patch_size: int, stride: int, tissue_cells=None) -> np.ndarray:
     """The kept positions of the non-overlapping grid (stride = patch): rows and columns that are
-    multiples of patch // stride. When patch is not a multiple of stride the step rounds down, so
-    first-pass tiles still leave no gap. Kept tissue that no first-pass tile covers (its grid
-    position was dropped for low tissue) is undecided, so `next_pass` covers it."""
+    multiples of patch // stride (when patch is not a multiple of stride the step rounds down, so
+    the tiles leave no gap).
+
+    A grid position dropped for low tissue leaves its cells uncovered; so does the grid's last
+    row/column band. With `tissue_cells` (H, W), each such tissue cell that a kept tile covers gets
+    one kept tile (greedy: the one covering the most still-uncovered tissue cells), so the margin
+    decides there as elsewhere, instead of every tile covering it being encoded as undecided."""
     kept = _bool_grid(kept, "kept")
     m = max(1, int(patch_size) // int(stride))
-    grid = np.zeros_like(kept)
-    grid[::m, ::m] = True
-    return grid & kept
+    sel = np.zeros_like(kept)
+    sel[::m, ::m] = True
+    sel &= kept
+    if tissue_cells is None:
+        return sel
+    geom = cell_geometry(patch_size, stride)
+    need = _bool_grid(tissue_cells, "tissue_cells", grid_shape(*kept.shape, geom)).copy()
+    k, s = geom.k, geom.s
+    need &= _cover(kept, need.shape, geom) & ~_cover(sel, need.shape, geom)
+    for i, j in zip(*np.nonzero(need)):          # row-major: fills gaps from the top-left
+        if not need[i, j]:
+            continue
+        best = None                               # (cells it would cover, -row, -col): ties → top-left
+        for r in range(max(0, -(-(i - k + 1) // s)), min(kept.shape[0] - 1, i // s) + 1):
+            for c in range(max(0, -(-(j - k + 1) // s)), min(kept.shape[1] - 1, j // s) + 1):
+                if kept[r, c]:
+                    key = (int(need[r * s:r * s + k, c * s:c * s + k].sum()), -r, -c)
+                    best = key if best is None or key > best else best
+        r, c = -best[1], -best[2]
+        sel[r, c] = True
+        need[r * s:r * s + k, c * s:c * s + k] = False
+    return sel
+
+
+def _cover(positions: np.ndarray, shape: tuple[int, int], geom: CellGeometry) -> np.ndarray:
+    """Cells (H, W) covered by the tiles at `positions` (R, C): each cell looks back k cells."""
+    top_left = np.zeros(shape, np.int64)
+    rows, cols = np.nonzero(positions)
+    top_left[rows * geom.s, cols * geom.s] = 1
+    c = np.pad(np.cumsum(np.cumsum(top_left, axis=0), axis=1), ((geom.k, 0), (geom.k, 0)))
+    k = geom.k
+    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) > 0
 
 
 def cell_maps(encoded, scores, patch_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +119,8 @@ def cell_maps(encoded, scores, patch_size: int, stride: int) -> tuple[np.ndarray
 
 def undecided_cells(encoded, scores, tissue_cells, patch_size: int, stride: int, margin: float) -> np.ndarray:
     """Tissue cells (H, W) that no encoded tile covers, whose margin (best minus second-best
-    averaged similarity) is below `margin` (every covered cell when margin is inf), or whose
-    covering encoded tiles disagree on the argmax."""
+    averaged similarity) is below `margin` (every covered cell when margin is inf), whose
+    covering encoded tiles disagree on the argmax, or whose label differs from a 4-neighbour's."""
     encoded = _bool_grid(encoded, "encoded")
     geom = cell_geometry(patch_size, stride)
     tissue = _bool_grid(tissue_cells, "tissue_cells", grid_shape(*encoded.shape, geom))
@@ -113,7 +149,20 @@ def undecided_cells(encoded, scores, tissue_cells, patch_size: int, stride: int,
         top = np.sort(np.where(covered, maps, 0.0), axis=0)
         low = covered & ((top[-1] - top[-2]) < margin)
     disagree = covered & (np.where(covered, agree, 1.0).max(axis=0) < 1.0)
-    return tissue & (~covered | low | disagree)
+    return tissue & (~covered | low | disagree | _label_edges(maps, covered & tissue))
+
+
+def _label_edges(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Cells whose argmax differs from a 4-neighbour's (both valid): where the contour lies, which
+    overlap moves even when both sides are confident."""
+    lab = np.where(valid, np.argmax(np.where(valid, maps, 0.0), axis=0), -1)
+    edge = np.zeros(valid.shape, bool)
+    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+        diff = valid[a] & valid[b] & (lab[a] != lab[b])
+        edge[a] |= diff
+        edge[b] |= diff
+    return edge
 
 
 def _positions_covering(cells: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry) -> np.ndarray:
@@ -224,13 +273,13 @@ def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, strid
 
     def select(p: int, before: np.ndarray) -> np.ndarray:   # pass p's selection, from passes < p
         if p == 1:
-            return first_pass(kept, patch_size, stride)
+            return first_pass(kept, patch_size, stride, tissue_cells)
         return next_pass(kept, before, state.scores, tissue_cells, patch_size, stride,
                          margin=margin, dilation=dilation)
 
     if state is None or state.n_encoded == 0:
         state, p = None, 1
-        todo = first_pass(kept, patch_size, stride)
+        todo = first_pass(kept, patch_size, stride, tissue_cells)
     else:
         if state.passes.shape != kept.shape or state.scores.shape[:2] != kept.shape:
             raise ValueError(f"state is for a {state.passes.shape} grid, kept is {kept.shape}")

@@ -73,11 +73,11 @@ def resolve_prompt_key(store: OutputStore, prompt_key: str | None = None) -> str
 
 def evaluation_settings(run: dict, overrides: list[str] | None) -> dict:
     """The run's evaluation section with `--set evaluation.key=value` overrides, validated."""
-    over = parse_overrides(overrides)
-    other = [k for k in over if k != "evaluation"]
-    if other or not isinstance(over.get("evaluation", {}), dict):
-        raise ConfigError(f"--set {other[0] if other else 'evaluation'}: zeus evaluate takes only evaluation.<key>=value "
+    other = [p for p in overrides or [] if not p.strip().startswith("evaluation.")]
+    if other:
+        raise ConfigError(f"--set {other[0]!r}: zeus evaluate takes only evaluation.<key>=value "
                           "(e.g. --set evaluation.tumour_classes=[Tumor]); other settings need a new `zeus run`")
+    over = parse_overrides(overrides)
     base = dict((run.get("config") or {}).get("evaluation") or {})
     try:
         return EvaluationConfig.model_validate(base | over.get("evaluation", {})).model_dump()
@@ -208,6 +208,9 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
         except AnnotationError as e:
             log.warning("slide %s: %s", sid, e)
             upd["annotation_error"] = str(e)
+        except Exception as e:  # noqa: BLE001 - anything else: this slide's metrics only
+            log.exception("slide %s: evaluation failed", sid)
+            upd["annotation_error"] = f"slide {sid!r}: evaluation failed ({type(e).__name__}: {e})"
     if upd["dice"] is None and store.exists(f"{res}/metrics.json"):
         store.fs.rm(f"{res}/metrics.json")   # no stale metrics beside a slide that has none now
     tiles_dir = store.slide_dir(sid, "tiles", str(row["tiling_key"]))
@@ -231,7 +234,7 @@ class EvaluateSummary:
     not_ok: int = 0          # slides that failed or had no tissue in the run
     seconds: float = 0.0
     table1_md: str = ""
-    errors_list: list = field(default_factory=list)
+    errors_list: list = field(default_factory=list)   # (slide_id, why it has no metrics)
 
     def line(self) -> str:
         return (f"zeus evaluate: {self.evaluated} slides evaluated, {self.errors} with annotation errors, "
@@ -247,6 +250,8 @@ def evaluate_results(root: str, prompt_key: str | None = None, annotations: str 
     pk = resolve_prompt_key(store, prompt_key)
     out = cohort_dir(store, pk)
     run = store.read_json(f"{out}/run.json")
+    if not store.exists(f"{out}/slides.parquet"):
+        raise ZeusError(f"{store.uri(out)}: no slides.parquet; the run did not write its cohort tables (re-run `zeus run`)")
     ev = evaluation_settings(run, overrides)
     lookup, source = annotation_lookup(run, annotations)
     df = store.read_parquet(f"{out}/slides.parquet").to_pandas()
@@ -260,7 +265,7 @@ def evaluate_results(root: str, prompt_key: str | None = None, annotations: str 
         r.update(upd)
         if upd["annotation_error"]:
             summary.errors += 1
-            summary.errors_list.append(upd["annotation_error"])
+            summary.errors_list.append((r["slide_id"], upd["annotation_error"]))
         elif upd["dice"] is None:
             summary.unannotated += 1
         else:

@@ -199,16 +199,20 @@ def init_ray(cfg: JobConfig):
 
 
 def _pool_settings(cfg: JobConfig):
+    """Encoder pool and reader slots from the cluster. GPU encoders when GPUs exist, or when the
+    config asks for CUDA (an autoscaling cluster may have its GPU group at zero when the job
+    starts: the pool's requests make the autoscaler add GPU nodes)."""
     import ray
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     cpus = res.get("CPU", 1)
+    use_gpu = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and gpus > 0)
     n_enc = cfg.ray.num_encoders or max(1, gpus)
-    if gpus:   # one actor per GPU; every CPU left reads
+    if use_gpu:   # one actor per GPU; every CPU left reads
         enc_args = {"num_gpus": 1}
         batch = cfg.model.batch_size or 64
         n_read = cfg.ray.num_readers or max(1, int(cpus) - n_enc)
-    else:      # CPU encoders take most cores (torch threads); reading needs little next to them
+    else:         # CPU encoders take most cores (torch threads); reading needs little next to them
         biggest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
         enc_args = {"num_cpus": cfg.ray.encoder_cpus or max(1, min(int((cpus - 1) // n_enc), int(biggest_node)))}
         batch = cfg.model.batch_size or 16
@@ -223,6 +227,7 @@ def run_cohort(cfg: JobConfig, *, progress: bool = True, reprompt: bool = False)
     import ray
 
     t0 = time.perf_counter()
+    cfg = _absolute_paths(cfg)
     entries = load_cohort(cfg.input)
     prompt_set = load_prompt_set(cfg.prompts.file)
     store = OutputStore(cfg.output.root)
@@ -308,6 +313,8 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt=False) -> RunSu
                     finished.add(sid)
                     buffers.pop(sid, None)
                     summary.rows.append(_status(by_id[sid], str(kinds[first]), str(b["message"][sel][first])))
+                    if progress:
+                        log.info("slide %s: %s (%d/%d slides)", sid, kinds[first], len(finished), len(to_encode))
                     continue
                 buffers[sid].append((b["tile_id"][sel], b["embedding"][sel]))
                 counts[sid] += int(sel.sum())
@@ -320,7 +327,8 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt=False) -> RunSu
                     pending[reduce_remote.remote(_with_source(by_id[sid], source_ids), keys_of[sid], *common,
                                                  ray.put(emb), ids)] = sid
                     if progress:
-                        log.info("slide %s: %d tiles encoded", sid, len(ids))
+                        log.info("slide %s encoded (%d/%d slides, %d tiles so far)", sid, len(finished),
+                                 len(to_encode), summary.tiles_encoded)
 
     for ref, sid in pending.items():
         try:
@@ -336,6 +344,21 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt=False) -> RunSu
     from .cohort import write_cohort_outputs
     write_cohort_outputs(store, summary, cfg, prompt_set)
     return summary
+
+
+def _absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Local relative paths made absolute, so the config stored with the results (run.json) still
+    works for `zeus evaluate` / `zeus reprompt` from another directory."""
+    from .prompts import resolve_prompt_path
+    cfg = cfg.model_copy(deep=True)
+    for section, key in (("input", "manifest"), ("output", "root"), ("cache", "dir")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and "://" not in value:
+            setattr(obj, key, os.path.abspath(os.path.expanduser(value)))
+    if "://" not in cfg.prompts.file:
+        cfg.prompts.file = os.path.abspath(resolve_prompt_path(cfg.prompts.file))
+    return cfg
 
 
 def _reduce_task(entry, keys, store_root, class_names, tumour_index, class_matrix, logit_scale,

@@ -130,9 +130,17 @@ def cohort_table_html(table: pd.DataFrame, table_id: str) -> str:
     return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _tables(t1: pd.DataFrame | None, t2: pd.DataFrame | None) -> str:
+def _no_dice_reason(df: pd.DataFrame) -> str:
+    if not (df["status"] == "ok").any():
+        return "No slide has results, so there is no Dice, precision or recall (see Errors)."
+    if "annotation_error" in df and df["annotation_error"].fillna("").astype(str).str.len().gt(0).any():
+        return "No slide has a Dice: no annotation could be used (see Errors). " + NO_DICE.split(". ", 1)[1]
+    return NO_DICE
+
+
+def _tables(t1: pd.DataFrame | None, t2: pd.DataFrame | None, no_dice: str) -> str:
     if t1 is None:
-        return f'<section id="tables"><h2>Cohort tables</h2><p class="note" id="no-dice">{NO_DICE}</p></section>'
+        return f'<section id="tables"><h2>Cohort tables</h2><p class="note" id="no-dice">{no_dice}</p></section>'
     parts = ['<section id="tables"><h2>Cohort tables</h2>',
              "<h3>Table 1: per dataset and model (mean ± std over slides)</h3>", cohort_table_html(t1, "table1")]
     if t2 is not None:
@@ -190,8 +198,8 @@ def dice_plot_svg(df: pd.DataFrame, width: int = 900) -> str:
     return "".join(out)
 
 
-def _plot(df: pd.DataFrame) -> str:
-    body = dice_plot_svg(df) if "dice" in df and df["dice"].notna().any() else f'<p class="note">{NO_DICE}</p>'
+def _plot(df: pd.DataFrame, no_dice: str) -> str:
+    body = dice_plot_svg(df) if "dice" in df and df["dice"].notna().any() else f'<p class="note">{no_dice}</p>'
     return ('<section id="distribution"><h2>Per-slide Dice</h2>'
             '<p class="note">Box: quartiles and median; line: min to max; dots: slides (hover for the id).</p>'
             f"{body}</section>")
@@ -283,8 +291,10 @@ def build_report(store: OutputStore, prompt_key: str, *, thumb_width: int = THUM
                 f"{status.get('failed', 0)} failed; {n_dice} with Dice. Prompt key {prompt_key}. "
                 f"Generated {time.strftime('%Y-%m-%d %H:%M')}.")
     model = ((run.get("config") or {}).get("model") or {}).get("id", "")
-    body = "\n".join([_settings(run, df), _tables(_read_table(store, out, "table1"), _read_table(store, out, "table2")),
-                      _plot(df), _gallery(store, df, prompt_key, thumb_width, workers), _slides_table(df), _errors(df)])
+    no_dice = _no_dice_reason(df)
+    tables = _tables(_read_table(store, out, "table1"), _read_table(store, out, "table2"), no_dice)
+    body = "\n".join([_settings(run, df), tables, _plot(df, no_dice), _gallery(store, df, prompt_key, thumb_width, workers),
+                      _slides_table(df), _errors(df)])
     template = Template(resources.files("zeus_ray").joinpath("report_template.html").read_text(encoding="utf-8"))
     return template.substitute(title=esc(f"zeus_ray report: {model} / {prompt_key}"),
                                heading=esc(f"zeus_ray cohort report: {model}"), subtitle=esc(subtitle), body=body)

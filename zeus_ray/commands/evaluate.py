@@ -1,5 +1,6 @@
 """`zeus evaluate RESULTS_DIR [--prompt-key K] [--annotations MANIFEST_OR_DIR] [--set evaluation.k=v]`:
-recompute metrics, tables and the report from stored results (no slide read, no model loaded)."""
+recompute metrics, tables and the report from stored results (no slide read, no model loaded).
+Exit status 1 when any slide's annotation could not be used (its metrics are then missing)."""
 from __future__ import annotations
 
 from ..cli import add_set_option
@@ -20,8 +21,8 @@ def register(sub) -> None:
 def _run(args) -> int:
     from ..evaluate import evaluate_results
     s = evaluate_results(args.results, args.prompt_key, args.annotations, args.overrides, report=not args.no_report)
-    for msg in s.errors_list:
-        print(f"no metrics: {msg}")
+    for sid, msg in s.errors_list:
+        print(f"no metrics for {sid}: {msg}")
     print(s.line())
     print(s.table1_md.rstrip() if s.table1_md else "no slide has a Dice: no cohort tables")
     return 1 if s.errors else 0
