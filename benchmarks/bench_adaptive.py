@@ -1,18 +1,21 @@
 """Boundary-adaptive overlap (issue #7) against full overlap: mask agreement and tiles encoded.
 
-Every kept tile of every slide is encoded ONCE (full overlap; cached under benchmarks/_work/adaptive/);
-the adaptive mode is then simulated by revealing the cached scores only for the positions it asks
-for. That is exact, because a tile's embedding does not depend on which other tiles are encoded.
+Every kept tile of every slide is encoded ONCE (full overlap; embeddings cached under
+benchmarks/_work/adaptive/); the adaptive mode is then simulated by revealing the cached scores only
+for the positions it asks for. That is exact: a tile's embedding does not depend on which other
+tiles are encoded.
 
 Slides: the two real H&E slides of ../shared/data/slides (CMU-1-Small-Region.svs;
-TCGA-CR-7395-01A-01-TS1.svs with an mpp override of 0.25) and a synthetic cohort (20x SVS written
-here) with lesions of several shapes and sizes: large and small blobs, islands smaller than a
-tile, a thin band, a star, a ring with a hole, clusters. Encoder: a seeded random-weight ViT
-(`random:<timm name>:<seed>`) with the AI4SKIN prompt ensemble; default tiling (10x, 448 px,
-stride 112).
+TCGA-CR-7395-01A-01-TS1.svs with an mpp override of 0.25) and a synthetic 20x cohort written here
+with lesions of several shapes and sizes (large and small blobs, islands smaller than a tile, a thin
+band, a star, a ring with a hole, a cluster, an excision-sized slide). Encoder: a seeded random-weight
+ViT (`random:<timm name>:<seed>`; seed 9 chosen as RESULTS.md says) with the AI4SKIN prompt
+ensemble; default tiling (10x, 448 px, stride 112).
 
-    .venv/bin/python benchmarks/bench_adaptive.py [--model random:vit_small_patch16_224:0]
-        [--margins 0,0.002,...,inf] [--dilations 0,1,2] [--write benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/bench_adaptive.py [--model random:vit_small_patch16_224:9]
+        [--margins 0,0.002,...,inf] [--dilations 0,1,2] [--prepare-only] [--write benchmarks/RESULTS.md]
+
+Building the cache took ~8 min on 2 shared cores; later runs take seconds.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import machine, replace_section  # noqa: E402
 from shapely import affinity  # noqa: E402
 from shapely.geometry import Point, Polygon  # noqa: E402
 
@@ -131,7 +134,8 @@ def encode_slide(entry: dict, cfg: JobConfig, encoder) -> dict:
     from zeus_ray.tiles_stage import plan_slide
 
     plan = plan_slide(entry["uri"], entry["slide_id"], cfg, entry["mpp"])
-    cache = WORK / "embeddings" / f"{entry['slide_id']}-{plan.tiling_key[:12]}-{encoder.model_key.replace(':', '_')}.npz"
+    model = encoder.model_key.replace(":", "_")
+    cache = WORK / "embeddings" / f"{entry['slide_id']}-{plan.tiling_key[:12]}-{model}.npz"
     tiles = plan.tiles.sort_by("tile_id")
     rows, cols = tiles["grid_row"].to_numpy().astype(np.int64), tiles["grid_col"].to_numpy().astype(np.int64)
     if not cache.exists():
@@ -179,17 +183,18 @@ def contour_length(labels: np.ndarray) -> int:
                + (v[1:] & v[:-1] & (labels[1:] != labels[:-1])).sum())
 
 
-def simulate(slide: dict, tumour: int, margin: float, dilation: int) -> dict:
+def simulate(slide: dict, tumour: int, margin: float, dilation: int, disagreement: bool) -> dict:
     """Adaptive run revealing the cached scores; compared with full overlap on the tissue cells."""
     g = slide["plan"].grid
     scores, full = slide["grid_scores"], slide["full"]
     state = run_adaptive(slide["kept"], slide["tissue"], lambda pos, _p: scores[pos[:, 0], pos[:, 1]],
-                         g.patch_size, g.stride, margin=margin, dilation=dilation)
+                         g.patch_size, g.stride, margin=margin, dilation=dilation, disagreement=disagreement)
     ada = labels_of(state.encoded, state.scores, slide["tissue"], g.patch_size, g.stride)
     inside = full >= 0
     return {"dice": dice(ada == tumour, full == tumour),
             "dice_other": dice(inside & (ada != tumour), inside & (full != tumour)),
             "mismatch": float((ada != full)[inside].mean()) if inside.any() else 0.0,
+            "cells_differing": int((ada != full)[inside].sum()),
             "encoded": state.n_encoded, "full": int(slide["kept"].sum()), "passes": state.n_passes,
             "counts": state.pass_counts}
 
@@ -241,7 +246,9 @@ def main() -> None:
         s["grid_scores"][s["rows"], s["cols"]] = cosine_scores(s["emb"], w)
         s["full"] = labels_of(s["kept"], s["grid_scores"], s["tissue"], g.patch_size, g.stride)
 
-    grid = {(m, d): [simulate(s, tumour, m, d) for s in slides] for m in args.margins for d in args.dilations}
+    # The full grid without the disagreement criterion, and its dilation-0 rows with it.
+    keys = [(m, d, False) for m in args.margins for d in args.dilations] + [(m, 0, True) for m in args.margins]
+    grid = {k: [simulate(s, tumour, *k) for s in slides] for k in keys}
     summ = {k: summarise(v) for k, v in grid.items()}
     ok = [k for k, v in summ.items() if min(v["min"], v["min_other"]) >= args.goal_dice]
     best = min(ok, key=lambda k: (summ[k]["frac"], -summ[k]["min_other"])) if ok else None
@@ -263,60 +270,102 @@ def write_report(args, slides, grid, summ, best, prompts, tumour, seconds) -> No
              "random weights and the built-in hashed-word text tower; prompts `prompts/ai4skin-leiomyoma.yaml` "
              f"(tumour class `{prompts.class_names[tumour]}`). Tiling: 10x, 448 px, stride 112 (75 % overlap), "
              "tissue fraction ≥ 0.25. Cells: 112 µm.",
-             f"- Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
-             "shared with other jobs.",
+             "- Why this encoder: random weights carry no semantics whatever the size, but a random ViT's "
+             "embedding follows the image content, so its maps have real spatial structure (lesions, tissue "
+             "edges, texture). ViT-S/16 ran at 5.9 tiles/s against ViT-B/16's 3.6 (bf16, batch 32, this shared "
+             "CPU), which is what let the cohort reach 6,457 tiles within the ~10 min encoding budget.",
+             "- Seed: with the AI4SKIN prompts, 7 of the seeds 0–15 gave one class on every tile of a 92-tile "
+             "sample (16 tiles from each real slide, 10 lesion and 10 lesion-free tiles from each of the first "
+             "three synthetic slides); seed 9 was taken, before this study ran, as the seed with the largest "
+             "lesion-vs-lesion-free separation of the tumour-minus-normal score among those whose sample had "
+             "20–80 % tumour tiles. With it the lesions come out as `normal` and the lesion-free tissue as "
+             "`tumor` (tumour fractions below), so `Dice N` is the lesion-level figure; the goal is judged on "
+             "the smaller of the two.",
+             f"- Machine: {machine()}, shared with other jobs.",
              "- `Dice T`: tumour-class mask against full overlap's, on the tissue cells; `Dice N`: the same for the "
              "other class (the complement inside tissue); `cells differing`: largest fraction of tissue cells with "
              "another label on any slide; `encoded`: tiles encoded / tiles full overlap encodes, all slides pooled; "
              "`worst slide`: the largest per-slide fraction; `passes`: most passes on any slide.", "",
              "Slides (full overlap). Contour: cell sides between tissue cells of different label.", "",
-             "| slide | kind | grid | kept tiles | tumour fraction of tissue | contour (cell sides) | contour per 100 tiles |",
+             "| slide | kind | grid | kept tiles | tumour fraction of tissue | contour (cell sides) "
+             "| contour per 100 tiles |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in slides:
         g, full = s["plan"].grid, s["full"]
         c = contour_length(full)
-        lines.append(f"| {s['entry']['slide_id']} | {s['entry']['kind']} | {g.n_rows} × {g.n_cols} | {s['kept'].sum()} "
-                     f"| {(full == tumour)[full >= 0].mean():.2f} | {c} | {100 * c / s['kept'].sum():.1f} |")
-    lines += ["", "| margin | dilation | mean Dice T | min Dice T | min Dice N | cells differing | encoded | × fewer "
-              "| worst slide | passes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (m, d), v in summ.items():
-        tag = " (default)" if (m, d) == best else ""
-        lines.append(f"| {fmt_margin(m)}{tag} | {d} | {v['mean']:.4f} | {v['min']:.4f} | {v['min_other']:.4f} | "
-                     f"{v['mismatch']:.4f} | {v['frac']:.3f} | {1 / v['frac']:.1f} | {v['max_slide_frac']:.3f} | "
-                     f"{v['passes']} |")
-    lines += ["", "Per slide, dilation 0: encoded fraction / min(Dice T, Dice N).", "",
+        lines.append(f"| {s['entry']['slide_id']} | {s['entry']['kind']} | {g.n_rows} × {g.n_cols} | "
+                     f"{s['kept'].sum()} | {(full == tumour)[full >= 0].mean():.2f} | {c} | "
+                     f"{100 * c / s['kept'].sum():.1f} |")
+    lines += ["", "| margin | dilation | disagreement | mean Dice T | min Dice T | min Dice N | cells differing "
+              "| encoded | × fewer | worst slide | passes |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (m, d, dis), v in summ.items():
+        tag = " (default)" if (m, d, dis) == best else ""
+        lines.append(f"| {fmt_margin(m)}{tag} | {d} | {'yes' if dis else 'no'} | {v['mean']:.4f} | {v['min']:.4f} | "
+                     f"{v['min_other']:.4f} | {v['mismatch']:.4f} | {v['frac']:.3f} | {1 / v['frac']:.1f} | "
+                     f"{v['max_slide_frac']:.3f} | {v['passes']} |")
+    lines += ["", "Per slide, dilation 0, no disagreement criterion: encoded fraction / min(Dice T, Dice N).", "",
               "| margin | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for (m, d), rows in grid.items():
-        if d == 0:
+    for (m, d, dis), rows in grid.items():
+        if d == 0 and not dis:
             lines.append(f"| {fmt_margin(m)} | " + " | ".join(
                 f"{r['encoded'] / r['full']:.3f} / {min(r['dice'], r['dice_other']):.4f}" for r in rows) + " |")
     if best is not None:
-        lines += ["", f"Per slide at the default (margin {fmt_margin(best[0])}, dilation {best[1]}: the setting with "
+        lines += ["", f"Per slide at the default (margin {fmt_margin(best[0])}, dilation {best[1]}, disagreement "
+                  f"{'on' if best[2] else 'off'}: the setting with "
                   f"the fewest tiles whose Dice T and Dice N are ≥ {args.goal_dice} on every slide):", "",
-                  "| slide | Dice T | Dice N | encoded / full | × fewer | tiles per pass |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for name, r in zip(names, grid[best]):
-            lines.append(f"| {name} | {r['dice']:.4f} | {r['dice_other']:.4f} | {r['encoded']} / {r['full']} | "
-                         f"{r['full'] / r['encoded']:.1f} | {', '.join(map(str, r['counts']))} |")
+                  "| slide | Dice T | Dice N | cells differing | encoded / full | × fewer | tiles per pass "
+                  "| refined tiles per contour side |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for s, r in zip(slides, grid[best]):
+            c = contour_length(s["full"])
+            per = f"{(r['encoded'] - r['counts'][0]) / c:.1f}" if c and r["counts"] else "–"
+            lines.append(f"| {s['entry']['slide_id']} | {r['dice']:.4f} | {r['dice_other']:.4f} | "
+                         f"{r['cells_differing']} | {r['encoded']} / "
+                         f"{r['full']} | {r['full'] / r['encoded']:.1f} | {', '.join(map(str, r['counts']))} | {per} |")
+        v = summ[best]
+        margins = np.concatenate([np.abs(np.diff(np.sort(sl["grid_scores"][sl["kept"]], axis=1)[:, -2:], axis=1))[:, 0]
+                                  for sl in slides])
+        q = np.percentile(margins, [25, 50, 75])
+        same_dice = all([(r["dice"], r["dice_other"]) for r in grid[(best[0], d, best[2])]]
+                        == [(r["dice"], r["dice_other"]) for r in grid[best]]
+                        for d in args.dilations if (best[0], d, best[2]) in grid)
+        goal = "meets" if v["frac"] <= 0.25 else "falls short of"
+        lines += ["", "Findings:", "",
+                  f"- Default: margin {fmt_margin(best[0])}, dilation {best[1]}, disagreement "
+                  f"{'on' if best[2] else 'off'}: {v['encoded']} of {v['full']} tiles ({v['frac']:.3f}, "
+                  f"{1 / v['frac']:.1f}× fewer, pooled), min Dice {min(v['min'], v['min_other']):.4f} over both "
+                  f"classes and all slides. This {goal} the issue's goal of 4× fewer tiles at Dice ≥ "
+                  f"{args.goal_dice} on this cohort as a whole; per slide, see the table above.",
+                  "- What costs tiles is contour, not area: beyond the first pass (1/16 of the tiles plus gap "
+                  "fillers), each cell side of contour costs the few tiles that straddle it. Slides with little "
+                  "contour per tile (the lesion-free CMU region, the excision-sized slide, the strip) save most; "
+                  "small slides with several small lesions save least, and the 35-tile TCGA frozen section, whose "
+                  "random-model map is speckled, saves nothing. For a given lesion layout contour grows with a "
+                  "slide's side and tiles with its area, so larger slides save more; nothing beyond 3,402 tiles "
+                  "per slide was measured.",
+                  f"- Dilation 1 or 2 at margin {fmt_margin(best[0])} "
+                  + ("changes no slide's Dice and only adds tiles." if same_dice else "changes the Dice (table).")
+                  + " The only cells that differ at the default are those in the table above.",
+                  "- The disagreement criterion of the issue (every tile over a cell whose covering encoded tiles "
+                  "disagree) costs more tiles for the same Dice on this cohort (rows `yes`), so it is off by "
+                  "default (`disagreement=True` turns it on).",
+                  f"- The margin is in cosine units and model-specific: this random ViT's tile margins (best minus "
+                  f"second-best cosine) have quartiles {q[0]:.4f} / {q[1]:.4f} / {q[2]:.4f}, so margins ≥ 0.01 "
+                  "refine nearly every tile. Margin 0 (contours and uncovered tissue only) misses an island whose "
+                  "first-pass tiles never say that class (syn-blobs, Dice N < 1); re-measure the margin for a real "
+                  "model before relying on one.",
+                  "- Each pass is one encoding job in the pipeline; the last passes can be tiny (1 tile above). "
+                  "`run_adaptive(max_passes=...)` caps them.",
+                  "- Time: issue #7 measured the encoder at over 98 % of the per-tile time, so the adaptive mode's "
+                  "encoding time is about the encoded fraction of full overlap's; it reads regions once per pass. "
+                  "End-to-end pipeline times were not measured here (the simulation encodes nothing)."]
     text = "\n".join(lines) + "\n"
     print(text)
     (WORK / "results.json").write_text(json.dumps(
-        {f"{fmt_margin(m)}/{d}": {"summary": summ[(m, d)], "slides": dict(zip(names, grid[(m, d)]))}
-         for (m, d) in grid}, indent=1))
+        {f"{fmt_margin(m)}/{d}/{dis}": {"summary": summ[(m, d, dis)], "slides": dict(zip(names, grid[(m, d, dis)]))}
+         for (m, d, dis) in grid}, indent=1))
     if args.write:
-        write_section(args.write, text)
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(new)
+        replace_section(SECTION, text, args.write)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,6 @@ fp32 and bf16 are warmed up, then timed in alternation (medians). A batch size w
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +30,8 @@ from zeus_ray.encoders.base import TorchEncoder  # noqa: E402
 from zeus_ray.encoders.registry import MODELS  # noqa: E402
 
 SLIDE = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+from _results import machine, replace_section  # noqa: E402
+
 SECTION = "## Encoders (issue #3)"
 AMP = {"float32": None, "bfloat16": torch.bfloat16}
 WARMUP = {"float32": 1, "bfloat16": 2}   # CPU bf16 autocast needs 2 calls before it is fast
@@ -86,23 +84,6 @@ def time_pair(encs: dict, tiles: np.ndarray, min_time: float, max_iters: int) ->
             enc.encode_images(tiles)
             times[dtype].append(time.perf_counter() - t)
     return times
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except Exception:
-        pass
-    try:   # bf16 speed depends on these instruction sets
-        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
-        model += f" ({', '.join(sorted(flags & {'avx512f', 'avx512_bf16', 'amx_bf16'})) or 'no AVX-512'})"
-    except Exception:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}; load average {load:.1f} at start")
 
 
 def main(argv=None) -> int:
@@ -180,10 +161,7 @@ def write_section(path: Path, table: str, info: str, cmd: str, seconds: float) -
             f"other jobs while this ran, so absolute figures are noisy and low; the bf16/fp32 ratios are "
             f"the more reliable figures.\n- Warm-up: 1 call (fp32) or 2 calls (bf16) per combination, "
             f"then timed calls (median).\n\n{table}\n")
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + body
-    path.write_text(text)
+    replace_section(SECTION, body, path)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ argmax) against tile count.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,8 @@ import numpy as np
 import psutil
 
 HERE = Path(__file__).resolve().parent
+from _results import machine, replace_section  # noqa: E402
+
 WORK = HERE / "_work" / "pipeline"
 
 
@@ -95,7 +95,8 @@ def main() -> None:
     import ray
 
     from zeus_ray.config import load_config
-    from zeus_ray.pipeline import _pool_settings, run_cohort
+    from zeus_ray.pipeline import run_cohort
+    from zeus_ray.ray_stages import pool_settings
 
     manifest = make_cohort(args.slides, *args.size)
     out = WORK / "out"
@@ -104,7 +105,7 @@ def main() -> None:
                              f"model.dtype={args.dtype}", f"model.batch_size={args.batch}",
                              f"cache.dir={WORK / 'cache'}"])
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    n_enc, enc_args, batch, n_read = _pool_settings(cfg)
+    n_enc, enc_args, batch, n_read = pool_settings(cfg)
 
     peak = [0]
     stop = threading.Event()
@@ -135,14 +136,13 @@ def main() -> None:
 
     reduce_rows = [(n, reduce_core_ms(n)) for n in (1_000, 10_000, 50_000, 100_000)]
     full_reduce = sorted((r["n_tiles"], r["reduce_seconds"]) for r in summary.rows if r.get("reduce_seconds"))
-    cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     lines = [
         "## Pipeline (issue #4)",
         "",
         f"Command: `.venv/bin/python benchmarks/bench_pipeline.py --write` ({args.slides} synthetic 20x slides of "
         f"{args.size[0]} × {args.size[1]} px, 448 px tiles at 10x, 75 % overlap; encoder `{args.model}` "
         f"({args.dtype}, batch {batch}), one CPU encoder actor with {enc_args.get('num_cpus')} CPU, {n_read} reader task slot(s)).",
-        f"Machine: {cpu or platform.processor()}, {psutil.cpu_count()} logical CPUs, "
+        f"Machine: {machine()}, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB; local Ray {ray.__version__}.",
         "",
         "| measure | value |",
@@ -167,13 +167,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        res = HERE / "RESULTS.md"
-        old = res.read_text() if res.exists() else "# Benchmarks\n"
-        if "## Pipeline (issue #4)" in old:
-            head, _, rest = old.partition("## Pipeline (issue #4)")
-            nxt = rest.find("\n## ")
-            old = head + (rest[nxt + 1:] if nxt >= 0 else "")
-        res.write_text(old.rstrip() + "\n\n" + text)
+        replace_section('## Pipeline (issue #4)', text)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +27,8 @@ from zeus_ray.config import JobConfig  # noqa: E402
 from zeus_ray.region_reader import ReadStats, block_tiles, plan_regions, read_region_tiles, read_tile_naive  # noqa: E402
 from zeus_ray.synthetic import write_synthetic_slide  # noqa: E402
 from zeus_ray.tiles_stage import plan_slide  # noqa: E402
+
+from _results import machine, replace_section  # noqa: E402
 
 SECTION = "## Tile reader (issue #2)"
 
@@ -91,24 +90,6 @@ def run_naive(slide, grid, xs, ys):
         touched += touched_px(slide, grid.level, (x, y), (grid.read_size, grid.read_size))
     return {"tiles": len(xs), "secs": time.perf_counter() - t0,
             "decoded": len(xs) * grid.read_size ** 2, "touched": touched}
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except Exception:  # noqa: BLE001
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
-
-
-def write_results(text: str) -> None:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-    print(f"wrote {path}")
 
 
 def bench_target(path: Path, target_mpp: float, region_tiles: list[int], n_naive: int) -> tuple[list[str], str]:
@@ -192,7 +173,7 @@ rather than absolute rates.
 - Goal (issue #2): ≤ 1.5 × tile area decoded per tile at 75 % overlap, and faster than the naive loop.
 """
     if args.write_results:
-        write_results(text)
+        replace_section(SECTION, text)
     return 0
 
 

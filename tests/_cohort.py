@@ -29,3 +29,8 @@ def job_config(manifest, out, *more_sets: str, cache=None):
             "model.batch_size=16", f"cache.dir={cache or Path(out).parent / 'cache'}"]
     sets += list(more_sets)
     return load_config(None, sets)
+
+
+def completed_results(root: Path) -> dict[str, Path]:
+    """slide_id → its complete result folder (one prompt key) under an output root."""
+    return {p.parents[3].name: p.parent for p in Path(root).glob("slides/*/results/*/*/_COMPLETE.json")}

@@ -47,7 +47,8 @@ def labels(encoded, scores, tissue, patch=P, stride=S):
 
 def full_and_adaptive(kept, tissue, scores, margin, dilation, patch=P, stride=S):
     state = run_adaptive(kept, tissue, revealer(scores), patch, stride, margin=margin, dilation=dilation)
-    return labels(kept, scores, tissue, patch, stride), labels(state.encoded, state.scores, tissue, patch, stride), state
+    full = labels(kept, scores, tissue, patch, stride)
+    return full, labels(state.encoded, state.scores, tissue, patch, stride), state
 
 
 def test_first_pass_is_the_non_overlapping_grid():
@@ -127,21 +128,22 @@ def test_straight_boundary_refines_only_a_band():
     kept, tissue = np.ones((n, n), bool), np.ones(shape, bool)
     scores = scores_from(tile_means(field, n, n))
     fp = first_pass(kept, P, S)
-    # margin 0: only the contour. First-pass labels change between cells 19 | 20 → pass 2 encodes
-    # the tiles covering those cells (columns 16..20); the contour moves to 21 | 22 → pass 3 adds
-    # 21..22. Every row, nothing else.
+    # margin 0: only the contour. First-pass labels change between cells 19 | 20: pass 2 encodes the
+    # tiles holding both (columns 17..19); the contour moves right and pass 3 straddles it (20..21).
     full, ada, state = full_and_adaptive(kept, tissue, scores, 0.0, 0)
     assert np.array_equal(ada, full)
     cols = np.nonzero(state.encoded & ~fp)[1]
-    assert (cols.min(), cols.max()) == (16, 22) and state.encoded[:, 16:23].all()
-    assert state.n_passes == 3 and state.n_encoded == fp.sum() + 41 * 7 - 2 * 11
-    # A dilation of d positions widens the band by d columns on each side.
-    for d in (1, 2):
-        full, ada, st = full_and_adaptive(kept, tissue, scores, 0.0, d)
-        cols = np.nonzero(st.encoded & ~fp)[1]
-        assert np.array_equal(ada, full) and (cols.min(), cols.max()) == (16 - d, 22 + d)
-        assert st.encoded[:, 16 - d:23 + d].all() and (st.encoded >= state.encoded).all()
-    # A margin above the straddling tile's (0.25) also takes the tiles over its cells (up to 23).
+    assert (cols.min(), cols.max()) == (17, 21) and state.encoded[:, 17:22].all()
+    assert state.pass_counts == [fp.sum(), 41 * 3, 41 * 2 - 11]
+    # A dilation of 1 position widens the band; the result stays exact.
+    full, ada, st = full_and_adaptive(kept, tissue, scores, 0.0, 1)
+    cols = np.nonzero(st.encoded & ~fp)[1]
+    assert np.array_equal(ada, full) and (cols.min(), cols.max()) == (16, 22) and st.encoded[:, 16:23].all()
+    assert (st.encoded >= state.encoded).all()
+    # Counting disagreeing covering tiles as undecided takes every tile over the contour cells (to 22).
+    st = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.0, dilation=0, disagreement=True)
+    assert np.nonzero(st.encoded & ~fp)[1].max() == 22 and (st.encoded >= state.encoded).all()
+    # A margin above the straddling tile's (0.25) also takes every tile over its cells (16..23).
     full, ada, st = full_and_adaptive(kept, tissue, scores, 0.3, 0)
     cols = np.nonzero(st.encoded & ~fp)[1]
     assert np.array_equal(ada, full) and (cols.min(), cols.max()) == (16, 23) and st.n_encoded < 0.3 * kept.sum()
@@ -191,7 +193,7 @@ def test_dilation_equals_dilating_cells_by_strides():
     kept = rng.random((n_rows, n_cols)) < 0.85
     tissue = np.ones(grid_shape(n_rows, n_cols, geom), bool)
     enc = first_pass(kept, patch, stride)
-    scores = scores_from(0.5 + rng.normal(size=(n_rows, n_cols)) * 0.2)
+    scores = scores_from(0.5 + np.abs(rng.normal(size=(n_rows, n_cols))) * 0.2)   # one class: no contour
     und = undecided_cells(enc, scores, tissue, patch, stride, 0.05)
     assert 0 < und.sum() < und.size
     for d in range(3):
@@ -205,7 +207,7 @@ def test_dilation_equals_dilating_cells_by_strides():
         assert np.array_equal(sel, ref & kept & ~enc)
 
 
-def test_uncovered_tissue_is_undecided_and_disagreement_counts():
+def test_uncovered_tissue_is_undecided_and_disagreement_is_optional():
     n = 13
     kept = np.ones((n, n), bool)
     kept[4, 4] = False                                  # a dropped first-pass position
@@ -219,7 +221,8 @@ def test_uncovered_tissue_is_undecided_and_disagreement_counts():
     enc2 = enc.copy()
     enc2[1, 1] = True
     scores[1, 1] = [0.5, 0.9]
-    und = undecided_cells(enc2, scores, tissue, P, S, 0.0)
+    assert not undecided_cells(enc2, scores, tissue, P, S, 0.0)[1:4, 1:4].any()
+    und = undecided_cells(enc2, scores, tissue, P, S, 0.0, disagreement=True)
     assert und[1:4, 1:4].all() and und[0, 0] == False and und[4:8, 8:].sum() == 0  # noqa: E712
 
 
@@ -279,31 +282,33 @@ def boundary_case():
     return np.ones((n, n), bool), np.ones(shape, bool), scores_from(resp)
 
 
-def test_resume_inside_a_later_pass_gives_the_uninterrupted_result():
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_resume_inside_a_pass_gives_the_uninterrupted_result(cut):
     kept, tissue, scores = boundary_case()
     kw = dict(margin=0.15, dilation=1)
     full = run_adaptive(kept, tissue, revealer(scores), P, S, **kw)
     assert full.n_passes >= 3
     rows, cols, passes, sc = full.records()
-    # A crash after half of pass 3's tiles were stored (and nothing later).
-    third = np.flatnonzero(passes == 3)
-    stored = np.r_[np.flatnonzero(passes < 3), third[::2]]
+    # A crash after half of pass `cut`'s tiles were stored (and nothing later).
+    this = np.flatnonzero(passes == cut)
+    stored = np.r_[np.flatnonzero(passes < cut), this[::2]]
     partial = AdaptiveState.from_records(*kept.shape, rows[stored], cols[stored], passes[stored], sc[stored])
     log = []
     resumed = run_adaptive(kept, tissue, revealer(scores, log), P, S, state=partial, **kw)
     assert np.array_equal(resumed.passes, full.passes)
     assert np.array_equal(resumed.scores, full.scores, equal_nan=True)
     first_pass_no, first_pos = log[0]
-    missing = {(r, c) for r, c in zip(rows[third[1::2]], cols[third[1::2]])}
-    assert first_pass_no == 3 and {tuple(p) for p in first_pos} == missing
-    assert [p for p, _ in log] == list(range(3, full.n_passes + 1))
+    missing = {(r, c) for r, c in zip(rows[this[1::2]], cols[this[1::2]])}
+    assert first_pass_no == cut and {tuple(p) for p in first_pos} == missing
+    assert [p for p, _ in log] == list(range(cut, full.n_passes + 1))
     # A finished state resumes to itself without encoding anything.
     log.clear()
     again = run_adaptive(kept, tissue, revealer(scores, log), P, S, state=full, **kw)
     assert log == [] and np.array_equal(again.passes, full.passes)
     # A state made with other settings is refused rather than silently mixed.
-    with pytest.raises(ConfigError, match="pass"):
-        run_adaptive(kept, tissue, revealer(scores), P, S, state=partial, margin=0.0, dilation=0)
+    if cut > 1:
+        with pytest.raises(ConfigError, match="pass"):
+            run_adaptive(kept, tissue, revealer(scores), P, S, state=partial, margin=0.0, dilation=0)
 
 
 def test_bad_input():
@@ -318,5 +323,13 @@ def test_bad_input():
         run_adaptive(kept, tissue[:-1], revealer(scores), P, S, margin=0.1, dilation=0)
     with pytest.raises(ValueError, match="encode_fn"):
         run_adaptive(kept, tissue, lambda pos, p: np.zeros((len(pos) + 1, 2)), P, S, margin=0.1, dilation=0)
+    with pytest.raises(ValueError, match="outside the grid"):
+        AdaptiveState.from_records(4, 4, [0, 4], [0, 0], [1, 1], [[0.1, 0.2], [0.3, 0.4]])
+    with pytest.raises(ValueError, match="one entry per tile"):
+        AdaptiveState.from_records(4, 4, [0, 1], [0, 0], [1], [[0.1, 0.2], [0.3, 0.4]])
+    empty = AdaptiveState.from_records(*kept.shape, [], [], [], [])      # nothing stored yet: a fresh run
+    fresh = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.1, dilation=0)
+    again = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.1, dilation=0, state=empty)
+    assert empty.n_encoded == 0 and np.array_equal(again.passes, fresh.passes)
     with pytest.raises(ConfigError, match="max_passes"):
         run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.1, dilation=0, max_passes=0)

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _cohort import job_config, make_cohort
+from _cohort import completed_results as _results, job_config, make_cohort
 from zeus_ray.pipeline import run_cohort
 
 PIN = ["ray.reader_resources={reader: 0.01}", "ray.encoder_resources={encoder: 0.01}", "ray.num_readers=2"]
@@ -40,10 +39,6 @@ def cluster():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("cohort"), n=3)
-
-
-def _results(root: Path) -> dict[str, Path]:
-    return {p.parents[3].name: p.parent for p in root.glob("slides/*/results/*/*/_COMPLETE.json")}
 
 
 def _outputs(root: Path) -> dict:

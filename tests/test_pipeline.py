@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _cohort import job_config, make_cohort
+from _cohort import completed_results as _results, job_config, make_cohort
 from zeus_ray.pipeline import run_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +34,6 @@ def ray_local(s3_server):   # the S3 server first, so Ray workers inherit its en
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("cohort"), n=3)
-
-
-def _results(root: Path) -> dict[str, Path]:
-    return {p.parents[3].name: p.parent for p in root.glob("slides/*/results/*/*/_COMPLETE.json")}
 
 
 def _mask(d: Path) -> np.ndarray:
@@ -102,6 +98,44 @@ def test_prompt_change_reuses_embeddings(full_run, cohort):
     for sid, d in new.items():
         assert {"sim_inflammation", "sim_stroma"} <= set(_sims(d).columns)
         assert np.array_equal(_mask(old[sid]), old_masks[sid])   # earlier results intact
+
+
+def test_adaptive_overlap_in_the_pipeline(full_run, cohort, tmp_path):
+    """margin = inf encodes every tile: the full-overlap masks exactly. The default margin encodes
+    fewer tiles; a run cut inside a later pass resumes by encoding only that pass's tiles."""
+    ref = _results(full_run[0])
+    out_all = tmp_path / "all"
+    s_all = run_cohort(job_config(cohort, out_all, "tiling.mode=adaptive", "tiling.adaptive_margin=.inf"),
+                       progress=False)
+    assert s_all.ok == 3 and s_all.tiles_stored == s_all.tiles_full == s_all.tiles_encoded
+    for sid, d in _results(out_all).items():
+        assert np.array_equal(_mask(d), _mask(ref[sid])), sid
+        np.testing.assert_allclose(_sims(d)["sim_tumor"], _sims(ref[sid])["sim_tumor"], atol=1e-4)
+
+    out = tmp_path / "adaptive"
+    # This random encoder calls nearly all tissue tumour (no contour for margin 0 to refine): a
+    # margin near its median tumour-minus-normal similarity makes several passes.
+    cfg = job_config(cohort, out, "tiling.mode=adaptive", "tiling.adaptive_margin=0.085")
+    s1 = run_cohort(cfg, progress=False)
+    assert s1.ok == 3 and s1.tiles_encoded == s1.tiles_stored < s1.tiles_full
+    assert "adaptive overlap" in s1.line()
+    res = _results(out)
+    rows = {sid: __import__("json").loads((d / "result.json").read_text()) for sid, d in res.items()}
+    assert all(r["n_tiles"] <= r["n_tiles_full"] for r in rows.values())
+    assert sum(r["n_tiles"] for r in rows.values()) == s1.tiles_stored
+    # Cut slide syn-0 back to the middle of its last pass: results, embeddings and that pass gone.
+    emb_dir = next(out.glob("slides/syn-0/embeddings/*/*"))
+    passes = sorted(emb_dir.glob("pass-*.parquet"))
+    assert len(passes) >= 2
+    lost = pq.read_table(passes[-1]).num_rows
+    mask_before = _mask(res["syn-0"])
+    import shutil
+    shutil.rmtree(res["syn-0"])
+    for f in [passes[-1], emb_dir / "_COMPLETE.json", emb_dir / "embeddings.parquet"]:
+        f.unlink()
+    s2 = run_cohort(cfg, progress=False)
+    assert (s2.ok, s2.skipped, s2.tiles_encoded) == (3, 2, lost)
+    assert np.array_equal(_mask(_results(out)["syn-0"]), mask_before)
 
 
 def test_bad_slides_get_error_rows_and_the_rest_completes(ray_local, slides_dir, tmp_path):

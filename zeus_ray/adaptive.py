@@ -6,19 +6,20 @@ close, so this mode encodes in passes:
 
 1. `first_pass`: the kept positions of the non-overlapping grid (stride = patch), plus a few kept
    tiles for tissue that grid leaves uncovered (positions dropped for low tissue, the last rows).
-2. `next_pass`: the cells (inside tissue) that are still undecided (`undecided_cells`): no encoded
-   tile covers them; their margin (best minus second-best overlap-averaged similarity) is below
-   `margin`; the encoded tiles covering them disagree on the argmax; or their label differs from a
-   neighbour's (the contour, which overlap moves even when both sides are confident). Every kept,
-   not yet encoded position whose tile covers an undecided cell, dilated by `dilation` positions,
-   is in the next pass. An empty pass ends the loop.
+2. `next_pass`: every kept, not yet encoded tile that
+   - covers an undecided tissue cell (`undecided_cells`): one no encoded tile covers, one whose
+     margin (best minus second-best overlap-averaged similarity) is below `margin`, or, with
+     `disagreement`, one whose covering encoded tiles disagree on the argmax; or
+   - straddles the current contour (holds two neighbouring tissue cells whose labels differ):
+     overlap moves contours even where both sides are confident;
+   dilated by `dilation` positions. An empty pass ends the loop (each pass adds tiles, so there are
+   at most as many passes as kept positions).
 
 Maps average, per cell, the tiles encoded (rasterise.average_maps): wherever every kept tile
-covering a cell was encoded, its value is the paper's Eq. 4 exactly. Once a cell is undecided all
-its kept covering tiles are encoded, so contour cells end with exact values on both sides, and the
-loop ends (each pass adds tiles; at most one pass per kept position). With margin = inf every
-tissue cell is undecided: every kept position covering a tissue cell is encoded and the maps on
-the tissue, and the mask, equal full overlap's.
+covering a cell was encoded, its value is the paper's Eq. 4 exactly. With margin = inf every
+tissue cell is undecided: every kept position covering a tissue cell is encoded, and the maps on
+the tissue, and the mask, equal full overlap's. With a finite margin the mask is an approximation;
+benchmarks/RESULTS.md measures it against full overlap.
 
 Resume: a pass's selection depends only on the tiles of the earlier passes, so the state records the
 pass each tile was encoded in (`AdaptiveState.passes`). A run cut short inside pass p restarts by
@@ -111,24 +112,22 @@ def cell_maps(encoded, scores, patch_size: int, stride: int) -> tuple[np.ndarray
     encoded = _bool_grid(encoded, "encoded")
     geom = cell_geometry(patch_size, stride)
     rows, cols = np.nonzero(encoded)
-    scores = np.asarray(scores)
-    if scores.ndim != 3 or scores.shape[:2] != encoded.shape:
-        raise ValueError(f"scores must be (R, C, n_classes) with (R, C) = {encoded.shape}, got {scores.shape}")
+    scores = _check_scores(scores, encoded.shape)
     return average_maps(rows, cols, scores[rows, cols], grid_shape(*encoded.shape, geom), geom)
 
 
-def undecided_cells(encoded, scores, tissue_cells, patch_size: int, stride: int, margin: float) -> np.ndarray:
-    """Tissue cells (H, W) that no encoded tile covers, whose margin (best minus second-best
-    averaged similarity) is below `margin` (every covered cell when margin is inf), whose
-    covering encoded tiles disagree on the argmax, or whose label differs from a 4-neighbour's."""
-    encoded = _bool_grid(encoded, "encoded")
-    geom = cell_geometry(patch_size, stride)
-    tissue = _bool_grid(tissue_cells, "tissue_cells", grid_shape(*encoded.shape, geom))
+def _check_scores(scores, shape: tuple[int, int]) -> np.ndarray:
     scores = np.asarray(scores)
-    if scores.ndim != 3 or scores.shape[:2] != encoded.shape:
-        raise ValueError(f"scores must be (R, C, n_classes) with (R, C) = {encoded.shape}, got {scores.shape}")
+    if scores.ndim != 3 or scores.shape[:2] != shape:
+        raise ValueError(f"scores must be (R, C, n_classes) with (R, C) = {shape}, got {scores.shape}")
+    return scores
+
+
+def _analyse(encoded: np.ndarray, scores: np.ndarray, tissue: np.ndarray, geom: CellGeometry, margin: float,
+             disagreement: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(undecided cells, labels with -1 where not covered or not tissue) of the encoded tiles."""
     if not encoded.any():
-        return tissue.copy()
+        return tissue.copy(), np.full(tissue.shape, -1)
     n_cls = scores.shape[2]
     rows, cols = np.nonzero(encoded)
     s = np.asarray(scores[rows, cols], dtype=np.float64)
@@ -137,56 +136,74 @@ def undecided_cells(encoded, scores, tissue_cells, patch_size: int, stride: int,
     # One rasterisation gives both the averaged scores and, per class, the fraction of covering
     # tiles whose own argmax is that class (all tiles agree ⇔ some fraction is 1).
     votes = np.eye(n_cls)[np.argmax(s, axis=1)]
-    both, counts = average_maps(rows, cols, np.concatenate([s, votes], axis=1),
-                                grid_shape(*encoded.shape, geom), geom)
+    both, counts = average_maps(rows, cols, np.concatenate([s, votes], axis=1), tissue.shape, geom)
     covered = counts > 0
-    maps, agree = both[:n_cls], both[n_cls:]
+    maps = np.where(covered, both[:n_cls], 0.0)
     if math.isinf(margin):
         low = covered
     elif n_cls < 2:
         low = np.zeros_like(covered)
     else:
-        top = np.sort(np.where(covered, maps, 0.0), axis=0)
+        top = np.sort(maps, axis=0)
         low = covered & ((top[-1] - top[-2]) < margin)
-    disagree = covered & (np.where(covered, agree, 1.0).max(axis=0) < 1.0)
-    return tissue & (~covered | low | disagree | _label_edges(maps, covered & tissue))
+    undecided = ~covered | low
+    if disagreement:
+        undecided |= covered & (np.where(covered, both[n_cls:], 1.0).max(axis=0) < 1.0)
+    labels = np.where(covered & tissue, np.argmax(maps, axis=0), -1)
+    return tissue & undecided, labels
 
 
-def _label_edges(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Cells whose argmax differs from a 4-neighbour's (both valid): where the contour lies, which
-    overlap moves even when both sides are confident."""
-    lab = np.where(valid, np.argmax(np.where(valid, maps, 0.0), axis=0), -1)
-    edge = np.zeros(valid.shape, bool)
-    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
-        diff = valid[a] & valid[b] & (lab[a] != lab[b])
-        edge[a] |= diff
-        edge[b] |= diff
-    return edge
+def undecided_cells(encoded, scores, tissue_cells, patch_size: int, stride: int, margin: float, *,
+                    disagreement: bool = False) -> np.ndarray:
+    """Tissue cells (H, W) that no encoded tile covers, or whose margin (best minus second-best
+    averaged similarity) is below `margin` (every covered cell when margin is inf), or (with
+    `disagreement`) whose covering encoded tiles disagree on the argmax."""
+    encoded = _bool_grid(encoded, "encoded")
+    geom = cell_geometry(patch_size, stride)
+    tissue = _bool_grid(tissue_cells, "tissue_cells", grid_shape(*encoded.shape, geom))
+    return _analyse(encoded, _check_scores(scores, encoded.shape), tissue, geom, margin, disagreement)[0]
 
 
-def _positions_covering(cells: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry) -> np.ndarray:
-    """(R, C): whether the tile at each position covers any True cell (k × k box sums)."""
+def _positions_holding(cells: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry,
+                       height: int, width: int) -> np.ndarray:
+    """(R, C): whether the height × width cell box at each position's top-left holds a True cell."""
     sat = np.zeros((cells.shape[0] + 1, cells.shape[1] + 1), np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(cells, axis=0, dtype=np.int64), axis=1)
     r0, c0 = np.arange(n_rows) * geom.s, np.arange(n_cols) * geom.s
-    r1, c1 = r0 + geom.k, c0 + geom.k
+    r1, c1 = np.minimum(r0 + height, cells.shape[0]), np.minimum(c0 + width, cells.shape[1])
     box = sat[np.ix_(r1, c1)] - sat[np.ix_(r0, c1)] - sat[np.ix_(r1, c0)] + sat[np.ix_(r0, c0)]
     return box > 0
 
 
+def _straddling(labels: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry) -> np.ndarray:
+    """Positions whose tile holds both cells of a contour pair (4-neighbours with different labels):
+    the tiles overlap adds across the contour. A pair (i, j)|(i, j+1) is held by the tiles whose
+    k × (k-1) box from their top-left holds (i, j); likewise for vertical pairs."""
+    k = geom.k
+    right = np.zeros(labels.shape, bool)
+    right[:, :-1] = (labels[:, :-1] >= 0) & (labels[:, 1:] >= 0) & (labels[:, :-1] != labels[:, 1:])
+    down = np.zeros(labels.shape, bool)
+    down[:-1] = (labels[:-1] >= 0) & (labels[1:] >= 0) & (labels[:-1] != labels[1:])
+    return (_positions_holding(right, n_rows, n_cols, geom, k, k - 1)
+            | _positions_holding(down, n_rows, n_cols, geom, k - 1, k))
+
+
 def next_pass(kept, encoded, scores, tissue_cells, patch_size: int, stride: int, *,
-              margin: float, dilation: int) -> np.ndarray:
-    """The positions (R, C) to encode next: kept, not yet encoded, and within `dilation` positions
-    (a (2d+1)² square on the position grid) of a position whose tile covers an undecided cell
-    (`undecided_cells`). Dilating positions by d equals dilating the undecided cells by d strides
-    before looking for covering tiles. Empty when nothing is left to decide: the loop ends."""
+              margin: float, dilation: int, disagreement: bool = False) -> np.ndarray:
+    """The positions (R, C) to encode next, kept and not yet encoded:
+    - every tile covering an undecided cell (`undecided_cells`), and
+    - every tile straddling the current contour (it holds two 4-neighbour tissue cells whose labels
+      differ): overlap moves contours even where both sides are confident;
+    then dilated by `dilation` positions (a (2d+1)² square on the position grid; for the undecided
+    cells that equals growing them by d strides). Empty when nothing is left: the loop ends."""
     check_settings(margin, dilation)
     kept = _bool_grid(kept, "kept")
     encoded = _bool_grid(encoded, "encoded", kept.shape)
     geom = cell_geometry(patch_size, stride)
-    undecided = undecided_cells(encoded, scores, tissue_cells, patch_size, stride, margin)
-    need = _positions_covering(undecided, *kept.shape, geom)
+    tissue = _bool_grid(tissue_cells, "tissue_cells", grid_shape(*kept.shape, geom))
+    undecided, labels = _analyse(encoded, _check_scores(scores, kept.shape), tissue, geom, margin, disagreement)
+    need = (_positions_holding(undecided, *kept.shape, geom, geom.k, geom.k)
+            | _straddling(labels, *kept.shape, geom))
     if dilation and need.any():
         size = 2 * int(dilation) + 1
         need = cv2.dilate(need.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
@@ -227,7 +244,8 @@ class AdaptiveState:
     def from_records(cls, n_rows: int, n_cols: int, grid_rows, grid_cols, passes, scores) -> "AdaptiveState":
         """Rebuild a (possibly partial) state from stored rows, e.g. after a crash."""
         rows, cols = np.asarray(grid_rows, np.int64), np.asarray(grid_cols, np.int64)
-        passes, scores = np.asarray(passes), np.atleast_2d(np.asarray(scores, np.float64))
+        passes, scores = np.asarray(passes), np.asarray(scores, np.float64)
+        scores = scores.reshape(len(scores), -1) if scores.size else np.zeros((len(rows), 0))
         if not (len(rows) == len(cols) == len(passes) == len(scores)):
             raise ValueError("grid_rows, grid_cols, passes and scores must have one entry per tile")
         if len(rows) and (rows.min() < 0 or cols.min() < 0 or rows.max() >= n_rows or cols.max() >= n_cols
@@ -255,15 +273,16 @@ def _encode(state: AdaptiveState | None, todo: np.ndarray, p: int, encode_fn: En
 
 
 def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, stride: int, *,
-                 margin: float, dilation: int, state: AdaptiveState | None = None,
-                 max_passes: int | None = None) -> AdaptiveState:
+                 margin: float, dilation: int, disagreement: bool = False,
+                 state: AdaptiveState | None = None, max_passes: int | None = None) -> AdaptiveState:
     """Encode passes until none is needed (or `max_passes` passes exist); return the state.
 
     encode_fn(positions int64 (N, 2) of (grid_row, grid_col), pass number) returns the class
     scores (N, n_classes) of those tiles; it is called once per non-empty pass. `state`, from a
     run that stopped (even inside a pass), is continued: its last pass is completed, then the loop
-    goes on, to the state an uninterrupted run reaches. Raises ConfigError when the state could not
-    have come from these settings (a different margin, dilation, tissue or kept set)."""
+    goes on, to the state an uninterrupted run reaches. Raises ConfigError when the state's last pass
+    holds tiles these settings would not select (it was made with another margin, dilation,
+    disagreement, tissue or kept set; a mismatch that selects a superset goes unnoticed)."""
     check_settings(margin, dilation)
     kept = _bool_grid(kept, "kept")
     geom = cell_geometry(patch_size, stride)
@@ -275,7 +294,7 @@ def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, strid
         if p == 1:
             return first_pass(kept, patch_size, stride, tissue_cells)
         return next_pass(kept, before, state.scores, tissue_cells, patch_size, stride,
-                         margin=margin, dilation=dilation)
+                         margin=margin, dilation=dilation, disagreement=disagreement)
 
     if state is None or state.n_encoded == 0:
         state, p = None, 1
@@ -289,13 +308,14 @@ def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, strid
         done = state.passes == p
         if (state.encoded & ~kept).any() or (done & ~sel).any():
             raise ConfigError(f"adaptive resume: the stored tiles of pass {p} are not what these settings "
-                              f"select (margin={margin}, dilation={dilation}); re-run with the settings that "
-                              f"made them, or delete the slide's stored tiles to start over")
+                              f"select (margin={margin}, dilation={dilation}, disagreement={disagreement}); "
+                              f"re-run with the settings that made them, or delete the slide's stored tiles "
+                              f"to start over")
         todo = sel & ~done
     while True:
         if todo.any():
             state = _encode(state, todo, p, encode_fn)
-        if state is None:   # an empty first pass: later passes cover the tissue it left out
+        if state is None:   # an empty first pass: no kept tile covers tissue
             state = AdaptiveState(np.zeros(kept.shape, np.int16), np.zeros((*kept.shape, 0)))
         if max_passes is not None and p >= max_passes:
             break

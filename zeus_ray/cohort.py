@@ -1,7 +1,6 @@
 """Cohort outputs of a run: the slide results table, the errors table, the paper's tables."""
 from __future__ import annotations
 
-import io
 import logging
 
 import pandas as pd

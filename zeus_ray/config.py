@@ -57,6 +57,12 @@ class TilingConfig(_Section):
     overlap: float = Field(0.75, ge=0, lt=1, description="fraction of a tile shared with its neighbour")
     min_tissue_fraction: float = Field(0.25, ge=0, le=1, description="keep a tile when this fraction of it is tissue")
     region_tiles: int = Field(8, ge=1, description="tiles per side of one decoded region (each pixel decoded about once)")
+    mode: Literal["full", "adaptive"] = Field("full", description="full: encode every overlapping tile (the paper); "
+                                              "adaptive: non-overlapping grid first, overlap only where the decision can change")
+    # Defaults from the measured curve (benchmarks/RESULTS.md, issue #7): margin 0 refines only the
+    # contour and uncovered tissue. The margin is in cosine units and depends on the model.
+    adaptive_margin: float = Field(0.0, ge=0, description="adaptive: also refine cells whose best-minus-second class similarity is below this (inf = full overlap)")
+    adaptive_dilation: int = Field(0, ge=0, description="adaptive: grow the refined area by this many tile positions")
 
     @model_validator(mode="after")
     def _check(self):

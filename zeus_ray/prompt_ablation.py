@@ -74,7 +74,7 @@ def slide_dice(store, keys, entry: dict, matrices: np.ndarray, tumour_index: int
     from .slide_reduce import cosine_scores, load_embeddings, load_slide_grid
 
     sg = load_slide_grid(store, keys.tiles_dir)
-    emb = load_embeddings(store, keys.emb_dir)
+    emb = load_embeddings(store, keys.emb_dir, sg)
     f = max(1, int(round(sg.cell_um / (evaluation.get("metric_mpp") or sg.cell_um / 4))))
     ann = read_annotation(entry["annotation_uri"], tumour_classes=evaluation.get("tumour_classes"),
                           exclude_classes=evaluation.get("exclude_classes"), mpp0=sg.grid.mpp0,

@@ -10,7 +10,7 @@ tumour mask is made of.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 import fsspec
 import numpy as np

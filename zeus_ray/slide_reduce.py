@@ -125,8 +125,23 @@ def load_slide_grid(store: OutputStore, tiles_dir: str) -> SlideGrid:
                      resample_mask_to_grid(tissue, tissue_mpp, shape, cell_um))
 
 
-def load_embeddings(store: OutputStore, emb_dir: str) -> np.ndarray:
-    return embeddings_from_table(store.read_parquet(f"{emb_dir}/embeddings.parquet").sort_by("tile_id"))
+def load_embeddings(store: OutputStore, emb_dir: str, sg: SlideGrid | None = None) -> np.ndarray:
+    """The stored embeddings in tile_id order; with `sg`, its tiles are narrowed to the stored ones
+    (adaptive mode stores a subset)."""
+    table = store.read_parquet(f"{emb_dir}/embeddings.parquet").sort_by("tile_id")
+    if sg is not None:
+        sg.tiles = _subset(sg.tiles, table["tile_id"].to_numpy(), "")
+    return embeddings_from_table(table)
+
+
+def _subset(tiles: pa.Table, tile_ids: np.ndarray, sid: str) -> pa.Table:
+    """The rows of `tiles` (sorted by tile_id) with the given sorted ids; all must exist."""
+    if len(tile_ids) == len(tiles) and np.array_equal(tile_ids, tiles["tile_id"].to_numpy()):
+        return tiles
+    pos = np.searchsorted(tiles["tile_id"].to_numpy(), tile_ids)
+    if (pos >= len(tiles)).any() or not np.array_equal(tiles["tile_id"].to_numpy()[np.minimum(pos, len(tiles) - 1)], tile_ids):
+        raise RuntimeError(f"slide {sid!r}: embeddings name tiles that are not in tiles.parquet")
+    return tiles.take(pa.array(pos))
 
 
 def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[str], tumour_index: int,
@@ -138,18 +153,22 @@ def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[
     sid = entry["slide_id"]
     sg = load_slide_grid(store, keys.tiles_dir)
     tiles, grid, cell_um, tissue_cells = sg.tiles, sg.grid, sg.cell_um, sg.tissue_cells
+    n_full = len(tiles)
     if embeddings is not None:
         order = np.argsort(tile_ids)
-        if not np.array_equal(np.asarray(tile_ids)[order], tiles["tile_id"].to_numpy()):
-            raise RuntimeError(f"slide {sid!r}: encoded tiles do not match tiles.parquet")
+        tile_ids = np.asarray(tile_ids)[order]
+        tiles = _subset(tiles, tile_ids, sid)
         # Score what is stored (e.g. float16), so a later re-prompt from the store gives the same maps.
         embeddings = embeddings[order].astype(embedding_dtype).astype(np.float32)
         store.write_parquet(f"{keys.emb_dir}/embeddings.parquet",
                             embedding_table(sid, tiles, embeddings, keys, embedding_dtype))
-        store.commit(keys.emb_dir, {"slide_id": sid, "n_tiles": len(tiles), "tiling_key": keys.tiling_key,
-                                    "model_key": keys.model_key, "source": entry.get("source")})
+        store.commit(keys.emb_dir, {"slide_id": sid, "n_tiles": len(tiles), "n_tiles_full": n_full,
+                                    "tiling_key": keys.tiling_key, "model_key": keys.model_key,
+                                    "source": entry.get("source")})
+        sg.tiles = tiles   # adaptive mode: maps average the encoded tiles only
     else:
-        embeddings = load_embeddings(store, keys.emb_dir)
+        embeddings = load_embeddings(store, keys.emb_dir, sg)
+        tiles = sg.tiles
     scores = cosine_scores(embeddings, class_matrix)
     store.write_parquet(f"{keys.res_dir}/similarities.parquet", similarity_table(sid, tiles, scores, class_names, keys))
 
@@ -170,7 +189,7 @@ def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[
                         classes=np.array(class_names))
     store.write_bytes(f"{res}/maps.npz", buf.getvalue())
     row = {
-        "slide_id": sid, "status": "ok", "error": None, "n_tiles": int(len(tiles)),
+        "slide_id": sid, "status": "ok", "error": None, "n_tiles": int(len(tiles)), "n_tiles_full": n_full,
         "dataset": entry.get("dataset"), "center": entry.get("center"),
         "tissue_area_mm2": float(tissue_cells.sum() * cell_mm2),
         "tumour_area_mm2": float(tumour.sum() * cell_mm2),
