@@ -22,7 +22,7 @@ from .store import OutputStore
 log = logging.getLogger(__name__)
 
 OK, FAILED, NO_TISSUE = "ok", "failed", "no_tissue"
-READ_MEMORY = 384 * 2**20   # bytes per region-read task
+READ_MEMORY = 1024 * 2**20   # bytes per region-read worker (measured peak ~850 MiB with its imports)
 
 
 def _status_row(slide_id: str, kind: str, message: str, patch: int, with_image: bool) -> dict:
@@ -158,7 +158,7 @@ def encode_dataset(cfg: JobConfig, ds):
     """Append the read (CPU tasks) and encode (actor pool) stages to a dataset of region rows."""
     import ray.data
     n_enc, enc_args, batch, n_read = pool_settings(cfg)
-    # The memory request is what a region read holds (RGBA region ≤ 4096² px + its tiles); it also
+    # The memory request is what a read worker holds (imports, RGBA region ≤ 4096² px, tiles); it also
     # keeps Ray Data from fusing the reads into the encoder actors (it fuses a task stage into the
     # next actor stage when their remote args are equal), so reads run beside the encoders.
     ds = ds.map_batches(read_stage, batch_size=1, num_cpus=1, memory=READ_MEMORY, fn_kwargs={"cfg": cfg},
