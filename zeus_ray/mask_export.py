@@ -196,8 +196,8 @@ def _to_thumb(arr: np.ndarray, thumb_hw, cells_to_thumb: float | None, fill):
     ri = np.floor((np.arange(h) + 0.5) * sy).astype(np.int64)
     ci = np.floor((np.arange(w) + 0.5) * sx).astype(np.int64)
     out = np.full((h, w) + a.shape[2:], fill, dtype=a.dtype)
-    rv, cv = ri < a.shape[0], ci < a.shape[1]
-    out[np.ix_(rv, cv)] = a[np.ix_(ri[rv], ci[cv])]
+    nr, nc = int((ri < a.shape[0]).sum()), int((ci < a.shape[1]).sum())   # indices grow: a prefix is inside
+    out[:nr, :nc] = a.take(ri[:nr], axis=0).take(ci[:nc], axis=1)          # two takes: far faster than np.ix_
     return out
 
 
@@ -219,17 +219,21 @@ def similarity_heatmap(values: np.ndarray, thumb_rgb: np.ndarray, *, vmin: float
     the map's finite min/max (pass 0 and 1 for probabilities). A small colour bar with the range
     is drawn in the bottom-right corner when `legend` and the image is large enough."""
     thumb = np.ascontiguousarray(thumb_rgb[..., :3], dtype=np.uint8)
-    m = _to_thumb(np.asarray(values, dtype=np.float32), thumb.shape[:2], cells_to_thumb, np.nan)
-    ok = np.isfinite(m)
-    out = thumb.copy()
-    if not ok.any():
-        return out
-    lo = float(np.min(m[ok])) if vmin is None else float(vmin)
-    hi = float(np.max(m[ok])) if vmax is None else float(vmax)
+    grid = np.asarray(values, dtype=np.float32)
+    finite = np.isfinite(grid)
+    if not finite.any():
+        return thumb.copy()
+    lo = float(np.min(grid[finite])) if vmin is None else float(vmin)
+    hi = float(np.max(grid[finite])) if vmax is None else float(vmax)
     span = hi - lo if hi > lo else 1e-12
-    idx = np.clip((np.nan_to_num(m, nan=lo) - lo) / span * 255.0, 0, 255).astype(np.uint8)
-    colour = cv2.applyColorMap(idx, colormap)[..., ::-1]  # BGR → RGB
-    out[ok] = ((1 - alpha) * thumb[ok] + alpha * colour[ok] + 0.5).astype(np.uint8)
+    # Colour the (small) grid first, then sample it at thumbnail pixels, then blend with OpenCV:
+    # per-pixel float arithmetic on a whole thumbnail was the slowest step of a slide's reduce.
+    idx = np.clip((np.nan_to_num(grid, nan=lo) - lo) / span * 255.0, 0, 255).astype(np.uint8)
+    colour = np.ascontiguousarray(cv2.applyColorMap(idx, colormap)[..., ::-1])  # BGR → RGB
+    colour = _to_thumb(colour, thumb.shape[:2], cells_to_thumb, 0)
+    ok = _to_thumb(finite, thumb.shape[:2], cells_to_thumb, False)
+    blend = cv2.addWeighted(thumb, 1 - alpha, np.ascontiguousarray(colour), alpha, 0)
+    out = np.where(ok[..., None], blend, thumb)
     h, w = out.shape[:2]
     bw, bh = min(160, w // 3), 10
     if legend and bw >= 48 and h >= 60:
