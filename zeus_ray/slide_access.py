@@ -123,7 +123,7 @@ def _evict(cache_dir: Path, max_bytes: int, keep: Path) -> None:
         entries = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
         sizes = {p: _dir_size(p) for p in entries}
         total = sum(sizes.values())
-        for entry in sorted(entries, key=lambda p: p.stat().st_mtime):
+        for entry in sorted(entries, key=lambda p: p.stat().st_mtime_ns):
             if total <= max_bytes:
                 break
             if entry == keep:
@@ -213,7 +213,8 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
                 raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e, protocol)}", reason="remote") from None
             log.info("slide cache: fetched %s (%.1f MB, %.1f s)", safe_uri,
                      _dir_size(entry) / 1e6, time.monotonic() - t0)
-        os.utime(entry)  # LRU: touch on use
+        now = time.time_ns()   # LRU: touch on use, with the fine clock (the kernel's file clock is coarse)
+        os.utime(entry, ns=(now, now))
     _evict(cache_dir, int(cfg.max_gb * 1e9), keep=entry)
     return _entry_target(entry)
 
