@@ -30,6 +30,26 @@ def slides_dir(shared_data) -> Path:
     return shared_data / "slides"
 
 
+@pytest.fixture(scope="module")
+def cmu_tiles(slides_dir):
+    """Five real 448-px RGB tiles (uint8, N×448×448×3) from CMU-1-Small-Region.svs."""
+    import numpy as np
+    import openslide
+    slide = openslide.OpenSlide(str(slides_dir / "CMU-1-Small-Region.svs"))
+    try:
+        return np.stack([np.asarray(slide.read_region((x, y), 0, (448, 448)).convert("RGB"))
+                         for x, y in [(0, 0), (500, 700), (900, 1300), (1300, 2100), (1700, 2400)]])
+    finally:
+        slide.close()
+
+
+def row_cosines(a, b):
+    """Cosine between matching rows of two (N, D) arrays, in float64."""
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

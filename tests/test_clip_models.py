@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
-import openslide
 import pytest
 import torch
 from PIL import Image
@@ -24,23 +23,15 @@ from zeus_ray.encoders.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from zeus_ray.encoders.registry import load_encoder
 from zeus_ray.errors import ConfigError, WeightsError
 
+from conftest import row_cosines  # noqa: E402
+
 PROMPTS = ["An H&E stained image of leiomyoma.", "normal skin cells", "tumor growth"]
 VIT_B_32_PARAMS = 151_277_313   # OpenAI CLIP ViT-B/32 layout (PLIP and QuiltNet-B-32)
 
 
-def _cos(a, b) -> np.ndarray:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 @pytest.fixture(scope="module")
-def tiles(shared_data) -> np.ndarray:
-    slide = openslide.OpenSlide(str(shared_data / "slides" / "CMU-1-Small-Region.svs"))
-    try:
-        return np.stack([np.asarray(slide.read_region(xy, 0, (448, 448)).convert("RGB"))
-                         for xy in [(0, 0), (700, 900), (1500, 2000)]])
-    finally:
-        slide.close()
+def tiles(cmu_tiles):
+    return cmu_tiles
 
 
 def write_clip_tokenizer(folder: Path) -> None:
@@ -138,8 +129,8 @@ def test_plip_matches_transformers_reference(tmp_path, tiles):
     with torch.no_grad():
         ref_img = ref.get_image_features(pixel_values=pixels).pooler_output
         ref_txt = ref.get_text_features(**tok).pooler_output
-    assert _cos(img, ref_img).min() > 0.9999
-    assert _cos(txt, ref_txt).min() > 0.99999
+    assert row_cosines(img, ref_img).min() > 0.9999
+    assert row_cosines(txt, ref_txt).min() > 0.99999
     # Token ids equal open_clip's CLIP tokenizer (the vocabulary files are built correctly).
     oc = open_clip.get_tokenizer("ViT-B-32")(PROMPTS)
     assert torch.equal(tok["input_ids"][:, :20], oc[:, :20].masked_fill(oc[:, :20] == 0, 49407))
@@ -228,8 +219,8 @@ def test_quiltnet_matches_open_clip_reference(tmp_path, tiles):
     with torch.no_grad():
         ref_img = ref.eval().encode_image(torch.stack([preprocess(Image.fromarray(t)) for t in tiles]))
         ref_txt = ref.encode_text(tokenizer(PROMPTS))
-    assert _cos(img, ref_img).min() > 0.9999
-    assert _cos(txt, ref_txt).min() > 0.99999
+    assert row_cosines(img, ref_img).min() > 0.9999
+    assert row_cosines(txt, ref_txt).min() > 0.99999
 
 
 def test_quiltnet_needs_its_config_and_strict_weights(tmp_path):
@@ -264,7 +255,7 @@ def test_open_clip_generic_builtin_name_with_weights_file(tmp_path, tiles, caplo
         bf16 = load_encoder(ModelConfig(id="open_clip:ZeusTiny-B-32", weights=str(path), dtype="bfloat16"))
     assert "MultiheadAttention" in caplog.text   # the CPU bf16 slowdown is pointed out
     a, b = fp32.encode_images(tiles), bf16.encode_images(tiles)
-    assert a.shape == (3, 16) and _cos(a, b).min() > 0.99
+    assert a.shape == (3, 16) and row_cosines(a, b).min() > 0.99
     with pytest.raises(ConfigError, match="model.weights"):
         load_encoder(ModelConfig(id="open_clip:ZeusTiny-B-32"))
 

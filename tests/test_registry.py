@@ -8,7 +8,6 @@ import math
 import uuid
 
 import numpy as np
-import openslide
 import pytest
 import torch
 from _checkpoints import make_conch_tokenizer, make_keep_tokenizer_dir, write_conch_checkpoint, write_keep_checkpoint
@@ -23,23 +22,15 @@ from zeus_ray.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLI
 from zeus_ray.encoders.registry import MODELS, load_encoder
 from zeus_ray.errors import ConfigError, WeightsError, ZeusError
 
+from conftest import row_cosines  # noqa: E402
+
 PROMPTS = ["An H&E stained image of leiomyoma.", "normal skin cells", "tumor growth", "benign tumor"]
 TINY = "random:vit_tiny_patch16_224"
 
 
-def _cos(a, b) -> np.ndarray:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 @pytest.fixture(scope="module")
-def tiles(shared_data) -> np.ndarray:
-    slide = openslide.OpenSlide(str(shared_data / "slides" / "CMU-1-Small-Region.svs"))
-    try:
-        return np.stack([np.asarray(slide.read_region((x, y), 0, (448, 448)).convert("RGB"))
-                         for x, y in [(0, 0), (500, 700), (900, 1300), (1300, 2100), (1700, 2400)]])
-    finally:
-        slide.close()
+def tiles(cmu_tiles):
+    return cmu_tiles
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def test_random_encoder_contract(tiny_random, tiles):
     txt = enc.encode_texts(PROMPTS)
     assert txt.shape == (4, 512) and txt.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-5)
-    assert _cos(txt[:1], txt[1:2])[0] < 0.9   # different prompts, different embeddings
+    assert row_cosines(txt[:1], txt[1:2])[0] < 0.9   # different prompts, different embeddings
     assert enc.encode_images(np.zeros((0, 448, 448, 3), np.uint8)).shape == (0, 512)
     assert enc.encode_texts([]).shape == (0, 512)
     with pytest.raises(ZeusError, match="uint8 RGB"):
@@ -110,13 +101,13 @@ def test_random_encoder_determinism_batch_invariance_and_seed(tiny_random, tiles
     np.testing.assert_allclose(again.encode_texts(PROMPTS), tiny_random.encode_texts(PROMPTS), atol=1e-6)
     other = load_encoder(ModelConfig(id=TINY + ":1"))
     assert other.model_key == f"{TINY}@seed1"
-    assert _cos(other.encode_images(tiles[:1]), ref[:1])[0] < 0.99
+    assert row_cosines(other.encode_images(tiles[:1]), ref[:1])[0] < 0.99
 
 
 def test_random_encoder_bf16_on_cpu(tiny_random, tiles):
     bf16 = load_encoder(ModelConfig(id=TINY, dtype="bfloat16", batch_size=4))
     assert bf16.amp_dtype == torch.bfloat16 and tiny_random.amp_dtype is None
-    assert _cos(bf16.encode_images(tiles), tiny_random.encode_images(tiles)).min() > 0.99
+    assert row_cosines(bf16.encode_images(tiles), tiny_random.encode_images(tiles)).min() > 0.99
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -152,7 +143,7 @@ def test_conch_through_registry(tmp_path, tiles):
     with torch.no_grad():
         ref_img = model.encode_image(_reference_pixels(tiles, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
         ref_txt = model.encode_text(ConchTokenizer(tok, vocab_size=model.config.vocab_size)(PROMPTS))
-    assert _cos(img, ref_img).min() > 0.9999
+    assert row_cosines(img, ref_img).min() > 0.9999
     np.testing.assert_allclose(enc.encode_texts(PROMPTS), ref_txt.numpy(), atol=1e-5)
     # Batch-size invariance and the weights file given directly.
     one = load_encoder(ModelConfig(id="conch", weights=str(path), batch_size=1), tiny=True)
@@ -162,7 +153,7 @@ def test_conch_through_registry(tmp_path, tiles):
     with pytest.raises(WeightsError, match="model.tokenizer=/path/to/conch_byte_level_bpe_uncased.json"):
         one.encode_texts(PROMPTS)
     bf16 = load_encoder(ModelConfig(id="conch", weights=str(path), dtype="bfloat16"), tiny=True)
-    assert _cos(bf16.encode_images(tiles), img).min() > 0.99
+    assert row_cosines(bf16.encode_images(tiles), img).min() > 0.99
 
 
 def test_keep_through_registry_hub_layout(tmp_path, tiles):
@@ -176,7 +167,7 @@ def test_keep_through_registry_hub_layout(tmp_path, tiles):
         ref_img = model.encode_image(_reference_pixels(tiles, size, IMAGENET_MEAN, IMAGENET_STD))
         t = KeepTokenizer(tmp_path)(PROMPTS)
         ref_txt = model.encode_text(t["input_ids"], t["attention_mask"])
-    assert _cos(enc.encode_images(tiles), ref_img).min() > 0.9999
+    assert row_cosines(enc.encode_images(tiles), ref_img).min() > 0.9999
     np.testing.assert_allclose(enc.encode_texts(PROMPTS), ref_txt.numpy(), atol=1e-5)
 
 
