@@ -256,6 +256,8 @@ def test_prompt_ablation_from_cached_embeddings(full_run, cohort):
     data["templates"] = [x for x in data["templates"] if x != t]
     np.testing.assert_allclose(mats[v], class_embeddings(enc, parse_prompt_set(data)), atol=1e-5)
     assert (Path(where) / "summary.md").read_text().count("|") > 30
+    report = (Path(where).parent / "report.html").read_text()
+    assert 'id="ablation"' in report and report.count("-template ") >= 15
 
 
 def test_reprompt_reads_no_slide(full_run, cohort, tmp_path):

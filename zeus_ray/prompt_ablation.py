@@ -164,4 +164,7 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     store.write_bytes(f"{out}/per_slide.csv", per_slide.to_csv(index=False).encode())
     store.write_bytes(f"{out}/summary.csv", table.to_csv(index=False).encode())
     store.write_bytes(f"{out}/summary.md", to_markdown(table).encode())
+    if store.exists(store.path("cohort", pkey, "run.json")):   # the run with these prompts: add the study to its report
+        from .report import write_report
+        write_report(store, pkey)
     return per_slide, table, store.uri(out)

@@ -273,6 +273,28 @@ def _errors(df: pd.DataFrame) -> str:
             f"<th>Reason</th></tr></thead><tbody>{body}</tbody></table></section>")
 
 
+def _ablation(store: OutputStore, out: str) -> str:
+    """The prompt study of `zeus prompts ablate`, when one was run for this prompt key: Δ is the
+    mean Dice without that prompt minus the full ensemble's, so Δ > 0 means the prompt hurts."""
+    path = f"{out}/ablation/summary.csv"
+    if not store.exists(path):
+        return ""
+    t = pd.read_csv(io.BytesIO(store.read_bytes(path)))
+    rows = []
+    for r in t.to_dict("records"):
+        full = r["variant"] == "full"
+        delta = _num(r.get("delta_vs_full"))
+        verdict = "" if full or math.isnan(delta) or delta == 0 else ("hurts" if delta > 0 else "helps")
+        rows.append(f'<tr><td>{esc(r["dataset"])}</td><td>{esc(r["variant"])}</td><td class="num">{_fmt(r["mean"], 4)}</td>'
+                    f'<td class="num">{"" if full else _fmt(delta, 4)}</td><td>{verdict}</td>'
+                    f'<td class="num">{esc(r["count"])}</td></tr>')
+    return ('<section id="ablation"><h2>Prompt study (leave one out; uses the annotations)</h2>'
+            '<p class="note">Δ: mean Dice without that classname or template minus the full ensemble\'s; '
+            'a prompt whose removal raises Dice hurts.</p><table id="ablation-table" class="sortable"><thead><tr>'
+            '<th>Dataset</th><th>Variant</th><th>Mean Dice</th><th>Δ vs full</th><th>Prompt</th><th>Slides</th>'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 def build_report(store: OutputStore, prompt_key: str, *, thumb_width: int = THUMB_WIDTH, workers: int = 8) -> str:
@@ -294,7 +316,7 @@ def build_report(store: OutputStore, prompt_key: str, *, thumb_width: int = THUM
     no_dice = _no_dice_reason(df)
     tables = _tables(_read_table(store, out, "table1"), _read_table(store, out, "table2"), no_dice)
     body = "\n".join([_settings(run, df), tables, _plot(df, no_dice), _gallery(store, df, prompt_key, thumb_width, workers),
-                      _slides_table(df), _errors(df)])
+                      _slides_table(df), _ablation(store, out), _errors(df)])
     template = Template(resources.files("zeus_ray").joinpath("report_template.html").read_text(encoding="utf-8"))
     return template.substitute(title=esc(f"zeus_ray report: {model} / {prompt_key}"),
                                heading=esc(f"zeus_ray cohort report: {model}"), subtitle=esc(subtitle), body=body)
