@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from zeus_ray.adaptive import (AdaptiveState, cell_maps, first_pass, next_pass, run_adaptive,
+from zeus_ray.adaptive import (AdaptiveState, cell_maps, first_pass, next_pass, pass_step, run_adaptive,
                                undecided_cells)
 from zeus_ray.errors import ConfigError
 from zeus_ray.rasterise import argmax_mask, cell_geometry, grid_shape
@@ -45,8 +45,9 @@ def labels(encoded, scores, tissue, patch=P, stride=S):
     return argmax_mask(maps, valid=tissue)
 
 
-def full_and_adaptive(kept, tissue, scores, margin, dilation, patch=P, stride=S):
-    state = run_adaptive(kept, tissue, revealer(scores), patch, stride, margin=margin, dilation=dilation)
+def full_and_adaptive(kept, tissue, scores, margin, dilation, patch=P, stride=S, coarse_first=True):
+    state = run_adaptive(kept, tissue, revealer(scores), patch, stride, margin=margin, dilation=dilation,
+                         coarse_first=coarse_first)
     full = labels(kept, scores, tissue, patch, stride)
     return full, labels(state.encoded, state.scores, tissue, patch, stride), state
 
@@ -130,21 +131,26 @@ def test_straight_boundary_refines_only_a_band():
     fp = first_pass(kept, P, S)
     # margin 0: only the contour. First-pass labels change between cells 19 | 20: pass 2 encodes the
     # tiles holding both (columns 17..19); the contour moves right and pass 3 straddles it (20..21).
-    full, ada, state = full_and_adaptive(kept, tissue, scores, 0.0, 0)
+    full, ada, state = full_and_adaptive(kept, tissue, scores, 0.0, 0, coarse_first=False)
     assert np.array_equal(ada, full)
     cols = np.nonzero(state.encoded & ~fp)[1]
     assert (cols.min(), cols.max()) == (17, 21) and state.encoded[:, 17:22].all()
     assert state.pass_counts == [fp.sum(), 41 * 3, 41 * 2 - 11]
-    # A dilation of 1 position widens the band; the result stays exact.
-    full, ada, st = full_and_adaptive(kept, tissue, scores, 0.0, 1)
+    # Coarse first (the default): the same band, reached through half-overlapping tiles first.
+    _, ada, coarse = full_and_adaptive(kept, tissue, scores, 0.0, 0)
+    assert np.array_equal(ada, full) and np.array_equal(coarse.encoded, state.encoded)
+    assert coarse.n_passes > state.n_passes
+    # Without coarse_first: a dilation of 1 position widens the band; the result stays exact.
+    full, ada, st = full_and_adaptive(kept, tissue, scores, 0.0, 1, coarse_first=False)
     cols = np.nonzero(st.encoded & ~fp)[1]
     assert np.array_equal(ada, full) and (cols.min(), cols.max()) == (16, 22) and st.encoded[:, 16:23].all()
     assert (st.encoded >= state.encoded).all()
     # Counting disagreeing covering tiles as undecided takes every tile over the contour cells (to 22).
-    st = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.0, dilation=0, disagreement=True)
+    st = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.0, dilation=0, disagreement=True,
+                      coarse_first=False)
     assert np.nonzero(st.encoded & ~fp)[1].max() == 22 and (st.encoded >= state.encoded).all()
     # A margin above the straddling tile's (0.25) also takes every tile over its cells (16..23).
-    full, ada, st = full_and_adaptive(kept, tissue, scores, 0.3, 0)
+    full, ada, st = full_and_adaptive(kept, tissue, scores, 0.3, 0, coarse_first=False)
     cols = np.nonzero(st.encoded & ~fp)[1]
     assert np.array_equal(ada, full) and (cols.min(), cols.max()) == (16, 23) and st.n_encoded < 0.3 * kept.sum()
 
@@ -182,6 +188,27 @@ def test_checkerboard_refines_everything():
     scores = scores_from(tile_means(field, n, n) + 0.01)
     full, ada, state = full_and_adaptive(kept, tissue, scores, 0.2, 0)
     assert state.encoded.all() and np.array_equal(ada, full)
+
+
+@pytest.mark.parametrize("n,radius,centre", [(41, 9.5, (20.3, 21.7)), (60, 17, (30.5, 31.2))])
+def test_coarse_first_locates_a_curved_contour_with_fewer_tiles(n, radius, centre):
+    """A disk lesion: with coarse_first pass 2 takes only positions every 2 (m/2), later passes any
+    position; the mask is full overlap's either way, and
+    the fully-overlapping tiles land on the final contour only, so fewer are encoded."""
+    shape = grid_shape(n, n, cell_geometry(P, S))
+    yy, xx = np.indices(shape)
+    field = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius ** 2).astype(float)
+    kept, tissue = np.ones((n, n), bool), np.ones(shape, bool)
+    scores = scores_from(tile_means(field, n, n))
+    log = []
+    coarse = run_adaptive(kept, tissue, revealer(scores, log), P, S, margin=0.0, dilation=0)
+    full, ada, fine = full_and_adaptive(kept, tissue, scores, 0.0, 0, coarse_first=False)
+    assert np.array_equal(labels(coarse.encoded, coarse.scores, tissue), full) and np.array_equal(ada, full)
+    assert coarse.n_encoded < 0.95 * fine.n_encoded and coarse.n_passes <= fine.n_passes + 1
+    on_half = [bool((pos % 2 == 0).all()) for p, pos in log[1:]]
+    assert on_half[0] and not all(on_half[1:])
+    assert [pass_step(p, 448, 112) for p in (2, 3, 4)] == [2, 1, 1] and pass_step(2, 448, 112, False) == 1
+    assert [pass_step(p, 448, 56) for p in (2, 3, 4, 5)] == [4, 2, 1, 1]
 
 
 def test_dilation_equals_dilating_cells_by_strides():

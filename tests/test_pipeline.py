@@ -137,6 +137,24 @@ def test_adaptive_overlap_in_the_pipeline(full_run, cohort, tmp_path):
     assert (s2.ok, s2.skipped, s2.tiles_encoded) == (3, 2, lost)
     assert np.array_equal(_mask(_results(out)["syn-0"]), mask_before)
 
+    # Re-prompting: the new classes move the contours; only tiles not stored yet are encoded, in new
+    # pass files, and the summary says how many (of the stored total against full overlap's).
+    from zeus_ray.commands.reprompt import reprompt_config
+    stored = {p: set(pq.read_table(p)["tile_id"].to_pylist()) for p in out.glob("slides/*/embeddings/*/*/pass-*.parquet")}
+    s3 = run_cohort(reprompt_config(str(out), "prompts/multiclass-skin.yaml", None, [], None), progress=False,
+                    reprompt=True)
+    new = {p: set(pq.read_table(p)["tile_id"].to_pylist())
+           for p in out.glob("slides/*/embeddings/*/*/pass-*.parquet") if p not in stored}
+    n_new = sum(len(v) for v in new.values())
+    assert s3.ok == 3 and s3.tiles_encoded == n_new == s3.tiles_stored - s1.tiles_stored > 0
+    for p, ids in new.items():
+        old_ids = set().union(*[v for q, v in stored.items() if q.parent == p.parent])
+        assert not ids & old_ids, p
+    assert f"{n_new} tiles encoded" in s3.line() and f"adaptive overlap: {s3.tiles_stored} of" in s3.line()
+    s4 = run_cohort(reprompt_config(str(out), "prompts/multiclass-skin.yaml", None, [], None), progress=False,
+                    reprompt=True)
+    assert (s4.skipped, s4.tiles_encoded) == (3, 0)
+
 
 def test_bad_slides_get_error_rows_and_the_rest_completes(ray_local, slides_dir, tmp_path):
     rows = [f"cmu,{slides_dir / 'CMU-1-Small-Region.svs'},,real,X,",

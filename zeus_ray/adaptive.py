@@ -12,8 +12,12 @@ close, so this mode encodes in passes:
      `disagreement`, one whose covering encoded tiles disagree on the argmax; or
    - straddles the current contour (holds two neighbouring tissue cells whose labels differ):
      overlap moves contours even where both sides are confident;
-   dilated by `dilation` positions. An empty pass ends the loop (each pass adds tiles, so there are
-   at most as many passes as kept positions).
+   dilated by `dilation` positions. With `coarse_first` (the default), pass 2 takes only those on
+   the grid of every m/2 positions (m = patch // stride; pass 3 every m/4, …, down to every
+   position): the contour is first located with half-overlapping tiles, so the fully-overlapping
+   tiles are spent on where it ends up, not on where the first pass put it. One coarse pass per
+   level keeps the pass count low (measured in benchmarks/RESULTS.md). An empty pass ends the loop (each pass adds tiles, so there are at most as many passes as
+   kept positions).
 
 Maps average, per cell, the tiles encoded (rasterise.average_maps): wherever every kept tile
 covering a cell was encoded, its value is the paper's Eq. 4 exactly. With margin = inf every
@@ -188,14 +192,35 @@ def _straddling(labels: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry
             | _positions_holding(down, n_rows, n_cols, geom, k - 1, k))
 
 
+def pass_step(pass_no: int, patch_size: int, stride: int, coarse_first: bool = True) -> int:
+    """The position step of pass `pass_no` ≥ 2: m/2 for pass 2, m/4 for pass 3, …, then 1
+    (m = patch // stride); always 1 without coarse_first."""
+    m = max(1, int(patch_size) // int(stride))
+    return max(1, (m // 2) >> max(0, pass_no - 2)) if coarse_first else 1
+
+
+def _coarsest(need: np.ndarray, step: int) -> np.ndarray:
+    """`need` restricted to the coarsest grid of every h positions (h = step, step/2, …, 1) holding any of it."""
+    h = int(step)
+    while h > 1:
+        if need[::h, ::h].any():
+            out = np.zeros_like(need)
+            out[::h, ::h] = need[::h, ::h]
+            return out
+        h //= 2
+    return need
+
+
 def next_pass(kept, encoded, scores, tissue_cells, patch_size: int, stride: int, *,
-              margin: float, dilation: int, disagreement: bool = False) -> np.ndarray:
+              margin: float, dilation: int, disagreement: bool = False, step: int = 1) -> np.ndarray:
     """The positions (R, C) to encode next, kept and not yet encoded:
     - every tile covering an undecided cell (`undecided_cells`), and
     - every tile straddling the current contour (it holds two 4-neighbour tissue cells whose labels
       differ): overlap moves contours even where both sides are confident;
     then dilated by `dilation` positions (a (2d+1)² square on the position grid; for the undecided
-    cells that equals growing them by d strides). Empty when nothing is left: the loop ends."""
+    cells that equals growing them by d strides). With `step` > 1 (`pass_step`), only those on the
+    grid of every `step` positions, or if none is there, every step/2, …. Empty when nothing is
+    left at all: the loop ends."""
     check_settings(margin, dilation)
     kept = _bool_grid(kept, "kept")
     encoded = _bool_grid(encoded, "encoded", kept.shape)
@@ -207,7 +232,8 @@ def next_pass(kept, encoded, scores, tissue_cells, patch_size: int, stride: int,
     if dilation and need.any():
         size = 2 * int(dilation) + 1
         need = cv2.dilate(need.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
-    return need & kept & ~encoded
+    need &= kept & ~encoded
+    return _coarsest(need, step)
 
 
 @dataclass
@@ -273,7 +299,7 @@ def _encode(state: AdaptiveState | None, todo: np.ndarray, p: int, encode_fn: En
 
 
 def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, stride: int, *,
-                 margin: float, dilation: int, disagreement: bool = False,
+                 margin: float, dilation: int, disagreement: bool = False, coarse_first: bool = True,
                  state: AdaptiveState | None = None, max_passes: int | None = None) -> AdaptiveState:
     """Encode passes until none is needed (or `max_passes` passes exist); return the state.
 
@@ -282,7 +308,7 @@ def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, strid
     run that stopped (even inside a pass), is continued: its last pass is completed, then the loop
     goes on, to the state an uninterrupted run reaches. Raises ConfigError when the state's last pass
     holds tiles these settings would not select (it was made with another margin, dilation,
-    disagreement, tissue or kept set; a mismatch that selects a superset goes unnoticed)."""
+    disagreement, coarse_first, tissue or kept set; a mismatch that selects a superset goes unnoticed)."""
     check_settings(margin, dilation)
     kept = _bool_grid(kept, "kept")
     geom = cell_geometry(patch_size, stride)
@@ -294,7 +320,8 @@ def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, strid
         if p == 1:
             return first_pass(kept, patch_size, stride, tissue_cells)
         return next_pass(kept, before, state.scores, tissue_cells, patch_size, stride,
-                         margin=margin, dilation=dilation, disagreement=disagreement)
+                         margin=margin, dilation=dilation, disagreement=disagreement,
+                         step=pass_step(p, patch_size, stride, coarse_first))
 
     if state is None or state.n_encoded == 0:
         state, p = None, 1
@@ -308,7 +335,8 @@ def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, strid
         done = state.passes == p
         if (state.encoded & ~kept).any() or (done & ~sel).any():
             raise ConfigError(f"adaptive resume: the stored tiles of pass {p} are not what these settings "
-                              f"select (margin={margin}, dilation={dilation}, disagreement={disagreement}); "
+                              f"select (margin={margin}, dilation={dilation}, disagreement={disagreement}, "
+                              f"coarse_first={coarse_first}); "
                               f"re-run with the settings that made them, or delete the slide's stored tiles "
                               f"to start over")
         todo = sel & ~done

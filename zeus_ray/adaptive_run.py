@@ -9,12 +9,13 @@ prompt set starts from every tile stored so far and encodes only the tiles it ne
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from .adaptive import first_pass, next_pass
+from .adaptive import first_pass, next_pass, pass_step
 from .ray_stages import (FAILED, NO_TISSUE, encode_dataset, ensure_tiles, guarded, no_tiles_message, region_rows,
                          stream_slides)
 from .slide_reduce import SlideGrid, cosine_scores, embeddings_from_table, load_slide_grid
@@ -44,7 +45,8 @@ class SlideState:
         if not self.encoded.any():
             return first_pass(self.kept, t.patch_size, t.stride, self.sg.tissue_cells)
         return next_pass(self.kept, self.encoded, self.scores, self.sg.tissue_cells, t.patch_size, t.stride,
-                         margin=t.adaptive_margin, dilation=t.adaptive_dilation)
+                         margin=t.adaptive_margin, dilation=t.adaptive_dilation,
+                         step=pass_step(self.n_passes + 1, t.patch_size, t.stride, t.adaptive_coarse_first))
 
 
 def _plan_task(store_root, entry, cfg, tiles_dir, source):
@@ -131,7 +133,9 @@ def run_adaptive_passes(cfg, store: OutputStore, entries, keys_of, source_ids, c
                                 _pass_table(ids, emb, st.sg.grid.n_cols, st.n_passes, dtype))
             st.add(ids, emb, class_matrix)
 
+        t0 = time.perf_counter()
         ds = encode_dataset(cfg, ray.data.from_items(items, override_num_blocks=len(items)))
         stream_slides(ds, summary, pass_status, pass_complete)
+        summary.passes.append((sum(todo.values()), time.perf_counter() - t0))
         for sid in [s for s in todo if s in states and not states[s].encoded.any()]:
             pass_status(sid, FAILED, f"slide {sid!r}: no tile of its first adaptive pass was encoded")

@@ -37,11 +37,13 @@ class RunSummary:
     encode_nodes: set = field(default_factory=set)   # and that encoded them
     tiles_full: int = 0       # adaptive mode: tiles full overlap would have encoded for these slides
     tiles_stored: int = 0     # adaptive mode: tiles encoded so far for these slides (this run and before)
+    passes: list = field(default_factory=list)   # adaptive mode: (tiles, seconds) of each pass this run
 
     def line(self) -> str:
         rate = self.tiles_encoded / self.seconds if self.seconds else 0.0
         adaptive = (f"; adaptive overlap: {self.tiles_stored} of {self.tiles_full} full-overlap tiles encoded "
-                    f"({100 * self.tiles_stored / self.tiles_full:.1f} %)" if self.tiles_full else "")
+                    f"({100 * self.tiles_stored / self.tiles_full:.1f} %) in {len(self.passes)} passes this run"
+                    if self.tiles_full else "")
         return (f"zeus run: {self.ok} slides ok ({self.skipped} already complete), {self.no_tissue} without tissue, "
                 f"{self.failed} failed; {self.tiles_encoded} tiles encoded in {self.seconds:.1f} s "
                 f"({rate:.1f} tiles/s){adaptive}; results in {self.root}")
@@ -52,7 +54,7 @@ def tiling_key(cfg: JobConfig) -> str:
     key = {"mpp": t.mpp, "patch": t.patch_size, "stride": t.stride, "min_tissue": t.min_tissue_fraction,
            "tissue": cfg.tissue.model_dump()}
     if t.mode == "adaptive":   # its embeddings are a subset: never mixed with full-overlap ones
-        key["adaptive"] = [t.adaptive_margin, t.adaptive_dilation]
+        key["adaptive"] = [t.adaptive_margin, t.adaptive_dilation, t.adaptive_coarse_first]
     return stable_hash(key, 12)
 
 
