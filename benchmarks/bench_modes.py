@@ -89,7 +89,7 @@ def main() -> None:
         f"{sa.tiles_encoded * tf / sf.tiles_encoded:.1f} s; the remaining {ta - sa.tiles_encoded * tf / sf.tiles_encoded:.1f} s "
         f"is about {(ta - sa.tiles_encoded * tf / sf.tiles_encoded) / max(len(sa.passes), 1):.1f} s per pass of fixed "
         "cost (a Ray Data job and its encoder actors starting, the last batches draining), paid once per pass "
-        "for the whole cohort: it does not grow with the number of slides.",
+        "for each wave of up to `ray.adaptive_wave` slides (256 by default), not per slide.",
         "",
     ])
     print(text)

@@ -115,8 +115,8 @@ def test_adaptive_overlap_in_the_pipeline(full_run, cohort, tmp_path):
     out = tmp_path / "adaptive"
     # This random encoder calls nearly all tissue tumour (no contour for margin 0 to refine): a
     # margin near its median tumour-minus-normal similarity makes several passes.
-    cfg = job_config(cohort, out, "tiling.mode=adaptive", "tiling.adaptive_margin=0.085")
-    s1 = run_cohort(cfg, progress=False)
+    cfg = job_config(cohort, out, "tiling.mode=adaptive", "tiling.adaptive_margin=0.085", "ray.adaptive_wave=2")
+    s1 = run_cohort(cfg, progress=False)   # slides in two waves (2 + 1)
     assert s1.ok == 3 and s1.tiles_encoded == s1.tiles_stored < s1.tiles_full
     assert "adaptive overlap" in s1.line()
     res = _results(out)
@@ -154,6 +154,22 @@ def test_adaptive_overlap_in_the_pipeline(full_run, cohort, tmp_path):
     s4 = run_cohort(reprompt_config(str(out), "prompts/multiclass-skin.yaml", None, [], None), progress=False,
                     reprompt=True)
     assert (s4.skipped, s4.tiles_encoded) == (3, 0)
+
+
+def test_adaptive_mode_gives_bad_slides_error_rows(ray_local, slides_dir, tmp_path):
+    """In adaptive mode too, a slide that fails (at open, or at its first pass's reads) gets one
+    error row and the others complete; a re-run retries only the failed ones."""
+    rows = [f"unreadable,{slides_dir / 'unreadable.svs'},,bad,Z,", f"missing,{tmp_path / 'nope.svs'},,bad,Z,"]
+    manifest = make_cohort(tmp_path / "c", n=1, extra_rows=rows)
+    cfg = job_config(manifest, tmp_path / "out", "tiling.mode=adaptive")
+    s = run_cohort(cfg, progress=False)
+    assert (s.ok, s.failed) == (1, 2) and s.tiles_stored < s.tiles_full
+    errors = pd.read_csv(next((tmp_path / "out").glob("cohort/*/errors.csv"))).set_index("slide_id")
+    assert sorted(errors.index) == ["missing", "unreadable"]
+    assert all("\n" not in e and sid in e for sid, e in errors["error"].items())
+    assert not list((tmp_path / "out").glob("slides/unreadable/embeddings/*/*/pass-*.parquet"))
+    again = run_cohort(cfg, progress=False)
+    assert (again.ok, again.skipped, again.failed, again.tiles_encoded) == (1, 1, 2, 0)
 
 
 def test_bad_slides_get_error_rows_and_the_rest_completes(ray_local, slides_dir, tmp_path):

@@ -1,16 +1,20 @@
 """Boundary-adaptive overlap on the cluster (tiling.mode = adaptive): the pass loop of
-adaptive.py run cohort-wide, one Ray Data job per pass over every slide that still needs tiles.
+adaptive.py run over a wave of slides (`ray.adaptive_wave`), one Ray Data job per pass over every
+slide of the wave that still needs tiles.
 
 Per slide, each completed pass is stored as `pass-NN.parquet` (tile ids, positions, embeddings)
 in the slide's embedding folder, written whole. A run that stops inside a pass resumes from the
 stored passes: the next selection is computed from them, so only missing tiles are read. A new
 prompt set starts from every tile stored so far and encodes only the tiles it newly needs.
+
+The driver keeps per slide only what selection needs (positions and class scores); the slide's
+reduce reads its embeddings back from the pass files, so memory does not grow with the cohort.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -31,14 +35,12 @@ class SlideState:
     kept: np.ndarray                      # (R, C) positions of tiles with enough tissue
     encoded: np.ndarray                   # (R, C) bool
     scores: np.ndarray                    # (R, C, n_classes), NaN where not encoded
-    parts: list = field(default_factory=list)   # [(tile_ids, embeddings)] of every stored pass
     n_passes: int = 0
 
     def add(self, ids: np.ndarray, emb: np.ndarray, class_matrix: np.ndarray) -> None:
         rows, cols = np.divmod(ids, self.sg.grid.n_cols)   # tile_id = grid_row * n_cols + grid_col
         self.encoded[rows, cols] = True
         self.scores[rows, cols] = cosine_scores(emb, class_matrix)
-        self.parts.append((ids, emb))
 
     def selection(self, cfg) -> np.ndarray:
         t = cfg.tiling
@@ -82,6 +84,16 @@ def _load_state(store: OutputStore, uri: str, keys, class_matrix: np.ndarray) ->
 
 def run_adaptive_passes(cfg, store: OutputStore, entries, keys_of, source_ids, class_matrix, summary,
                         on_status, on_complete) -> None:
+    """Every slide's passes until it converges; on_complete(sid, None, None) then means: reduce
+    from the slide's stored pass files. Slides go in waves of `ray.adaptive_wave`."""
+    wave = cfg.ray.adaptive_wave
+    for i in range(0, len(entries), wave):
+        _run_wave(cfg, store, entries[i:i + wave], keys_of, source_ids, class_matrix, summary, on_status,
+                  on_complete)
+
+
+def _run_wave(cfg, store: OutputStore, entries, keys_of, source_ids, class_matrix, summary,
+              on_status, on_complete) -> None:
     import ray
     import ray.data
 
@@ -104,11 +116,9 @@ def run_adaptive_passes(cfg, store: OutputStore, entries, keys_of, source_ids, c
             sel = st.selection(cfg)
             if not sel.any():        # converged: every tile this prompt set needs is encoded
                 del states[sid]
-                ids = np.concatenate([p[0] for p in st.parts])
-                emb = np.concatenate([p[1] for p in st.parts])
                 summary.tiles_full += int(st.kept.sum())
-                summary.tiles_stored += len(ids)
-                on_complete(sid, ids, emb)
+                summary.tiles_stored += int(st.encoded.sum())
+                on_complete(sid, None, None)
                 continue
             rows, cols = np.nonzero(sel)
             want = np.sort(rows * st.sg.grid.n_cols + cols)

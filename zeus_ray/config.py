@@ -114,6 +114,7 @@ class RayConfig(_Section):
     encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor")
     reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
     encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")
+    adaptive_wave: int = Field(256, gt=0, description="tiling.mode adaptive: slides whose passes run together (the driver holds their scores; each wave pays the per-pass start-up once)")
 
 
 class EvaluationConfig(_Section):

@@ -155,9 +155,9 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt=False) -> RunSu
         if progress:
             log.info("slide %s: %s", sid, kind)
 
-    def on_complete(sid, ids, emb):
+    def on_complete(sid, ids, emb):   # emb None: adaptive mode, the reduce reads the stored passes
         pending[reduce_remote.remote(_with_source(by_id[sid], source_ids), keys_of[sid], *common,
-                                     ray.put(emb), ids)] = sid
+                                     None if emb is None else ray.put(emb), ids, emb is None)] = sid
         if progress:
             log.info("slide %s encoded (%d/%d slides, %d tiles so far)", sid, len(pending) - len(to_reduce),
                      len(to_encode), summary.tiles_encoded)
@@ -208,9 +208,9 @@ def _absolute_paths(cfg: JobConfig) -> JobConfig:
 
 
 def _reduce_task(entry, keys, store_root, class_names, tumour_index, class_matrix, logit_scale,
-                 emb_dtype, evaluation, embeddings, tile_ids):
+                 emb_dtype, evaluation, embeddings, tile_ids, from_passes=False):
     return reduce_slide(OutputStore(store_root), entry, keys, class_names, tumour_index, class_matrix,
-                        logit_scale, embeddings, tile_ids, emb_dtype, evaluation)
+                        logit_scale, embeddings, tile_ids, emb_dtype, evaluation, from_passes)
 
 
 def _with_source(entry: SlideEntry, source_ids: dict) -> dict:

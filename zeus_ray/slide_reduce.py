@@ -134,6 +134,15 @@ def load_embeddings(store: OutputStore, emb_dir: str, sg: SlideGrid | None = Non
     return embeddings_from_table(table)
 
 
+def read_passes(store: OutputStore, emb_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tile_ids, embeddings) of every adaptive pass stored in `emb_dir` (pass-NN.parquet)."""
+    tables = [store.read_parquet(p) for p in sorted(store.fs.glob(f"{emb_dir}/pass-*.parquet"))]
+    if not tables:
+        raise RuntimeError(f"{emb_dir}: no adaptive pass is stored")
+    table = pa.concat_tables([t.select(["tile_id", "embedding"]) for t in tables])
+    return table["tile_id"].to_numpy(), embeddings_from_table(table)
+
+
 def _subset(tiles: pa.Table, tile_ids: np.ndarray, sid: str) -> pa.Table:
     """The rows of `tiles` (sorted by tile_id) with the given sorted ids; all must exist."""
     if len(tile_ids) == len(tiles) and np.array_equal(tile_ids, tiles["tile_id"].to_numpy()):
@@ -147,11 +156,14 @@ def _subset(tiles: pa.Table, tile_ids: np.ndarray, sid: str) -> pa.Table:
 def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[str], tumour_index: int,
                  class_matrix: np.ndarray, logit_scale: float, embeddings: np.ndarray | None,
                  tile_ids: np.ndarray | None, embedding_dtype: str = "float16",
-                 evaluation: dict | None = None) -> dict:
-    """Write the slide's embedding table (when new) and its results; return its result row."""
+                 evaluation: dict | None = None, from_passes: bool = False) -> dict:
+    """Write the slide's embedding table (when new: given, or with `from_passes` gathered from the
+    adaptive pass files) and its results; return its result row."""
     t0 = time.perf_counter()
     sid = entry["slide_id"]
     sg = load_slide_grid(store, keys.tiles_dir)
+    if embeddings is None and from_passes:
+        tile_ids, embeddings = read_passes(store, keys.emb_dir)
     tiles, grid, cell_um, tissue_cells = sg.tiles, sg.grid, sg.cell_um, sg.tissue_cells
     n_full = len(tiles)
     if embeddings is not None:
