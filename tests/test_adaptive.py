@@ -360,3 +360,21 @@ def test_bad_input():
     assert empty.n_encoded == 0 and np.array_equal(again.passes, fresh.passes)
     with pytest.raises(ConfigError, match="max_passes"):
         run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.1, dilation=0, max_passes=0)
+
+
+def test_adaptive_settings_key_the_stored_embeddings():
+    """Each selection setting stores its tiles apart (maps average the tiles encoded, so mixing
+    settings would change results); the wave size changes no selection and shares them."""
+    from zeus_ray.config import load_config
+    from zeus_ray.pipeline import tiling_key
+
+    def key(*sets):
+        return tiling_key(load_config(None, ["tiling.mode=adaptive", *sets]))
+    base = key()
+    assert tiling_key(load_config(None, [])) != base
+    for s in ("tiling.adaptive_margin=0.01", "tiling.adaptive_dilation=1", "tiling.adaptive_disagreement=true",
+              "tiling.adaptive_coarse_first=false"):
+        assert key(s) != base, s
+    assert key("ray.adaptive_wave=3") == base
+    with pytest.raises(ConfigError, match="adaptive_wave"):
+        load_config(None, ["ray.adaptive_wave=0"])

@@ -47,7 +47,7 @@ class SlideState:
         if not self.encoded.any():
             return first_pass(self.kept, t.patch_size, t.stride, self.sg.tissue_cells)
         return next_pass(self.kept, self.encoded, self.scores, self.sg.tissue_cells, t.patch_size, t.stride,
-                         margin=t.adaptive_margin, dilation=t.adaptive_dilation,
+                         margin=t.adaptive_margin, dilation=t.adaptive_dilation, disagreement=t.adaptive_disagreement,
                          step=pass_step(self.n_passes + 1, t.patch_size, t.stride, t.adaptive_coarse_first))
 
 

@@ -63,7 +63,8 @@ class TilingConfig(_Section):
     # contour and uncovered tissue. The margin is in cosine units and depends on the model.
     adaptive_margin: float = Field(0.0, ge=0, description="adaptive: also refine cells whose best-minus-second class similarity is below this (inf = full overlap)")
     adaptive_dilation: int = Field(0, ge=0, description="adaptive: grow the refined area by this many tile positions")
-    adaptive_coarse_first: bool = Field(True, description="adaptive: locate contours with half-overlapping tiles before fully-overlapping ones (fewer tiles, more passes)")
+    adaptive_disagreement: bool = Field(False, description="adaptive: also refine cells whose covering encoded tiles disagree on the class (more tiles, same Dice in benchmarks/RESULTS.md)")
+    adaptive_coarse_first: bool = Field(True, description="adaptive: locate contours with half-overlapping tiles before fully-overlapping ones (fewer tiles, see benchmarks/RESULTS.md)")
 
     @model_validator(mode="after")
     def _check(self):

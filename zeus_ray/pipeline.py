@@ -54,7 +54,7 @@ def tiling_key(cfg: JobConfig) -> str:
     key = {"mpp": t.mpp, "patch": t.patch_size, "stride": t.stride, "min_tissue": t.min_tissue_fraction,
            "tissue": cfg.tissue.model_dump()}
     if t.mode == "adaptive":   # its embeddings are a subset: never mixed with full-overlap ones
-        key["adaptive"] = [t.adaptive_margin, t.adaptive_dilation, t.adaptive_coarse_first]
+        key["adaptive"] = [t.adaptive_margin, t.adaptive_dilation, t.adaptive_disagreement, t.adaptive_coarse_first]
     return stable_hash(key, 12)
 
 
