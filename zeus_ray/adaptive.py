@@ -14,10 +14,11 @@ close, so this mode encodes in passes:
      overlap moves contours even where both sides are confident;
    dilated by `dilation` positions. With `coarse_first` (the default), pass 2 takes only those on
    the grid of every m/2 positions (m = patch // stride; pass 3 every m/4, …, down to every
-   position): the contour is first located with half-overlapping tiles, so the fully-overlapping
-   tiles are spent on where it ends up, not on where the first pass put it. One coarse pass per
-   level keeps the pass count low (measured in benchmarks/RESULTS.md). An empty pass ends the loop (each pass adds tiles, so there are at most as many passes as
-   kept positions).
+   position; a finer grid when none is needed on the coarse one): the contour is first located
+   with half-overlapping tiles, so the fully-overlapping tiles are spent on where it ends up, not
+   on where the first pass put it. One coarse pass per level keeps the pass count low
+   (benchmarks/RESULTS.md). An empty pass ends the loop (each pass adds tiles, so there are at
+   most as many passes as kept positions).
 
 Maps average, per cell, the tiles encoded (rasterise.average_maps): wherever every kept tile
 covering a cell was encoded, its value is the paper's Eq. 4 exactly. With margin = inf every
