@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from zeus_ray.adaptive import (AdaptiveState, cell_maps, first_pass, next_pass, pass_step, run_adaptive,
-                               undecided_cells)
+from zeus_ray.selection import (PassState, Selection, cell_maps, converge, first_pass, next_pass, pass_step,
+                                undecided_cells)
 from zeus_ray.errors import ConfigError
 from zeus_ray.rasterise import argmax_mask, cell_geometry, grid_shape
 
@@ -32,12 +32,21 @@ def scores_from(response):
     return np.stack([np.full_like(response, 0.5), response], axis=-1)
 
 
-def revealer(scores, log=None):
-    def encode(pos, pass_no):
-        if log is not None:
-            log.append((pass_no, pos.copy()))
-        return scores[pos[:, 0], pos[:, 1]]
-    return encode
+def run_adaptive(kept, tissue, scores, patch=P, stride=S, *, margin, dilation, disagreement=False,
+                 coarse_first=True, log=None, state=None, max_passes=None):
+    """Adaptive passes until convergence with the selection code `zeus run` executes
+    (selection.PassState through selection.converge), tiles revealing `scores` (R, C, n_classes)."""
+    if state is None:
+        state = PassState(kept, tissue, Selection("adaptive", patch, stride, margin, dilation, disagreement,
+                                                  coarse_first), scores.shape[2])
+    got = converge(state, lambda r, c, p: scores[r, c], max_passes)
+    if log is not None:
+        log.extend(got)
+    return state
+
+
+def pass_counts(st):
+    return np.bincount(st.passes.ravel(), minlength=st.n_passes + 1)[1:].tolist()
 
 
 def labels(encoded, scores, tissue, patch=P, stride=S):
@@ -46,7 +55,7 @@ def labels(encoded, scores, tissue, patch=P, stride=S):
 
 
 def full_and_adaptive(kept, tissue, scores, margin, dilation, patch=P, stride=S, coarse_first=True):
-    state = run_adaptive(kept, tissue, revealer(scores), patch, stride, margin=margin, dilation=dilation,
+    state = run_adaptive(kept, tissue, scores, patch, stride, margin=margin, dilation=dilation,
                          coarse_first=coarse_first)
     full = labels(kept, scores, tissue, patch, stride)
     return full, labels(state.encoded, state.scores, tissue, patch, stride), state
@@ -74,7 +83,7 @@ def test_margin_inf_reproduces_full_overlap_exactly(patch, stride):
     tissue = np.zeros(shape, bool)
     tissue[geom.k // 2:-1, 1:] = True                  # not every cell; some kept tiles partly outside
     scores = rng.normal(size=(n_rows, n_cols, 3)) * 0.05
-    state = run_adaptive(kept, tissue, revealer(scores), patch, stride, margin=math.inf, dilation=0)
+    state = run_adaptive(kept, tissue, scores, patch, stride, margin=math.inf, dilation=0)
     full_maps, full_counts = cell_maps(kept, scores, patch, stride)
     ada_maps, ada_counts = cell_maps(state.encoded, state.scores, patch, stride)
     # Every kept tile that covers a tissue cell is encoded; here that is every kept tile.
@@ -99,7 +108,7 @@ def test_margin_inf_on_real_slide_tiles(slides_dir, name, mpp):
     kept = np.zeros((g.n_rows, g.n_cols), bool)
     kept[plan.tiles["grid_row"].to_numpy(), plan.tiles["grid_col"].to_numpy()] = True
     scores = np.random.default_rng(1).normal(size=(g.n_rows, g.n_cols, 2)) * 0.01
-    st = run_adaptive(kept, tissue, revealer(scores), g.patch_size, g.stride, margin=math.inf, dilation=0)
+    st = run_adaptive(kept, tissue, scores, g.patch_size, g.stride, margin=math.inf, dilation=0)
     assert kept.sum() > 30 and np.array_equal(st.encoded, kept)
     full = labels(kept, scores, tissue, g.patch_size, g.stride)
     assert np.array_equal(labels(st.encoded, st.scores, tissue, g.patch_size, g.stride), full)
@@ -135,7 +144,7 @@ def test_straight_boundary_refines_only_a_band():
     assert np.array_equal(ada, full)
     cols = np.nonzero(state.encoded & ~fp)[1]
     assert (cols.min(), cols.max()) == (17, 21) and state.encoded[:, 17:22].all()
-    assert state.pass_counts == [fp.sum(), 41 * 3, 41 * 2 - 11]
+    assert pass_counts(state) == [fp.sum(), 41 * 3, 41 * 2 - 11]
     # Coarse first (the default): the same band, reached through half-overlapping tiles first.
     _, ada, coarse = full_and_adaptive(kept, tissue, scores, 0.0, 0)
     assert np.array_equal(ada, full) and np.array_equal(coarse.encoded, state.encoded)
@@ -146,8 +155,7 @@ def test_straight_boundary_refines_only_a_band():
     assert np.array_equal(ada, full) and (cols.min(), cols.max()) == (16, 22) and st.encoded[:, 16:23].all()
     assert (st.encoded >= state.encoded).all()
     # Counting disagreeing covering tiles as undecided takes every tile over the contour cells (to 22).
-    st = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.0, dilation=0, disagreement=True,
-                      coarse_first=False)
+    st = run_adaptive(kept, tissue, scores, P, S, margin=0.0, dilation=0, disagreement=True, coarse_first=False)
     assert np.nonzero(st.encoded & ~fp)[1].max() == 22 and (st.encoded >= state.encoded).all()
     # A margin above the straddling tile's (0.25) also takes every tile over its cells (16..23).
     full, ada, st = full_and_adaptive(kept, tissue, scores, 0.3, 0, coarse_first=False)
@@ -201,7 +209,7 @@ def test_coarse_first_locates_a_curved_contour_with_fewer_tiles(n, radius, centr
     kept, tissue = np.ones((n, n), bool), np.ones(shape, bool)
     scores = scores_from(tile_means(field, n, n))
     log = []
-    coarse = run_adaptive(kept, tissue, revealer(scores, log), P, S, margin=0.0, dilation=0)
+    coarse = run_adaptive(kept, tissue, scores, P, S, margin=0.0, dilation=0, log=log)
     full, ada, fine = full_and_adaptive(kept, tissue, scores, 0.0, 0, coarse_first=False)
     assert np.array_equal(labels(coarse.encoded, coarse.scores, tissue), full) and np.array_equal(ada, full)
     assert coarse.n_encoded < 0.95 * fine.n_encoded and coarse.n_passes <= fine.n_passes + 1
@@ -262,11 +270,11 @@ def test_terminates_and_nothing_is_left():
     scores = scores_from(0.5 + rng.normal(size=(n, n)) * 0.3)
     for margin in (0.0, 0.05, 0.2, math.inf):
         for d in (0, 1, 2):
-            st = run_adaptive(kept, tissue, revealer(scores), P, S, margin=margin, dilation=d)
-            assert st.n_passes <= kept.sum() and all(c > 0 for c in st.pass_counts[1:])
+            st = run_adaptive(kept, tissue, scores, P, S, margin=margin, dilation=d)
+            assert st.n_passes <= kept.sum() and all(c > 0 for c in pass_counts(st)[1:])
             assert not (st.encoded & ~kept).any()
             assert not next_pass(kept, st.encoded, st.scores, tissue, P, S, margin=margin, dilation=d).any()
-    capped = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.2, dilation=0, max_passes=2)
+    capped = run_adaptive(kept, tissue, scores, P, S, margin=0.2, dilation=0, max_passes=2)
     assert capped.n_passes == 2
 
 
@@ -292,11 +300,11 @@ def test_nothing_to_encode_when_no_kept_tile_touches_tissue():
     tissue = np.zeros(grid_shape(n, n, cell_geometry(P, S)), bool)
     tissue[8:, 8:] = True
     log = []
-    st = run_adaptive(kept, tissue, revealer(scores_from(np.zeros((n, n))), log), P, S, margin=math.inf, dilation=2)
+    st = run_adaptive(kept, tissue, scores_from(np.zeros((n, n))), P, S, margin=math.inf, dilation=2, log=log)
     assert st.encoded.sum() == 1 and st.n_passes == 1 and [p for p, _ in log] == [1]   # the grid's (0, 0)
     kept[0, 0] = False
-    st = run_adaptive(kept, tissue, revealer(scores_from(np.zeros((n, n))), log), P, S, margin=math.inf, dilation=2)
-    assert st.n_encoded == 0 and st.n_passes == 0 and st.pass_counts == []
+    st = run_adaptive(kept, tissue, scores_from(np.zeros((n, n))), P, S, margin=math.inf, dilation=2, log=log)
+    assert st.n_encoded == 0 and st.n_passes == 0 and pass_counts(st) == []
 
 
 def boundary_case():
@@ -313,15 +321,18 @@ def boundary_case():
 def test_resume_inside_a_pass_gives_the_uninterrupted_result(cut):
     kept, tissue, scores = boundary_case()
     kw = dict(margin=0.15, dilation=1)
-    full = run_adaptive(kept, tissue, revealer(scores), P, S, **kw)
+    full = run_adaptive(kept, tissue, scores, P, S, **kw)
     assert full.n_passes >= 3
-    rows, cols, passes, sc = full.records()
-    # A crash after half of pass `cut`'s tiles were stored (and nothing later).
+    rows, cols = np.nonzero(full.passes)
+    passes = full.passes[rows, cols]
+    # A crash after half of pass `cut`'s tiles were stored (and nothing later): the state the
+    # engine rebuilds from the stored parts.
     this = np.flatnonzero(passes == cut)
     stored = np.r_[np.flatnonzero(passes < cut), this[::2]]
-    partial = AdaptiveState.from_records(*kept.shape, rows[stored], cols[stored], passes[stored], sc[stored])
+    partial = PassState(kept, tissue, Selection("adaptive", P, S, **kw), 2)
+    partial.add(rows[stored], cols[stored], passes[stored], scores[rows[stored], cols[stored]])
     log = []
-    resumed = run_adaptive(kept, tissue, revealer(scores, log), P, S, state=partial, **kw)
+    resumed = run_adaptive(kept, tissue, scores, P, S, state=partial, log=log, **kw)
     assert np.array_equal(resumed.passes, full.passes)
     assert np.array_equal(resumed.scores, full.scores, equal_nan=True)
     first_pass_no, first_pos = log[0]
@@ -330,43 +341,46 @@ def test_resume_inside_a_pass_gives_the_uninterrupted_result(cut):
     assert [p for p, _ in log] == list(range(cut, full.n_passes + 1))
     # A finished state resumes to itself without encoding anything.
     log.clear()
-    again = run_adaptive(kept, tissue, revealer(scores, log), P, S, state=full, **kw)
+    again = run_adaptive(kept, tissue, scores, P, S, state=full, log=log, **kw)
     assert log == [] and np.array_equal(again.passes, full.passes)
-    # A state made with other settings is refused rather than silently mixed.
-    if cut > 1:
-        with pytest.raises(ConfigError, match="pass"):
-            run_adaptive(kept, tissue, revealer(scores), P, S, state=partial, margin=0.0, dilation=0)
+
+
+def test_full_overlap_is_one_pass_of_every_kept_tile():
+    kept, tissue, scores = boundary_case()
+    kept[3, 5] = False
+    st = PassState(kept, None, Selection("full", P, S), 2)
+    p, todo = st.select()
+    assert p == 1 and np.array_equal(todo, kept)
+    rows, cols = np.nonzero(todo)
+    st.add(rows[:10], cols[:10], 1)                       # resume inside the pass: the rest
+    p, todo = st.select()
+    assert p == 1 and todo.sum() == kept.sum() - 10 and not todo[rows[:10], cols[:10]].any()
+    st.add(*np.nonzero(todo), 1)
+    assert not st.select()[1].any() and np.array_equal(st.encoded, kept)
 
 
 def test_bad_input():
     kept, tissue, scores = boundary_case()
     for margin in (-0.1, float("nan"), "0.1"):
         with pytest.raises(ConfigError, match="margin"):
-            run_adaptive(kept, tissue, revealer(scores), P, S, margin=margin, dilation=0)
+            run_adaptive(kept, tissue, scores, P, S, margin=margin, dilation=0)
     for d in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="dilation"):
             next_pass(kept, kept, scores, tissue, P, S, margin=0.1, dilation=d)
     with pytest.raises(ValueError, match="tissue_cells"):
-        run_adaptive(kept, tissue[:-1], revealer(scores), P, S, margin=0.1, dilation=0)
-    with pytest.raises(ValueError, match="encode_fn"):
-        run_adaptive(kept, tissue, lambda pos, p: np.zeros((len(pos) + 1, 2)), P, S, margin=0.1, dilation=0)
-    with pytest.raises(ValueError, match="outside the grid"):
-        AdaptiveState.from_records(4, 4, [0, 4], [0, 0], [1, 1], [[0.1, 0.2], [0.3, 0.4]])
-    with pytest.raises(ValueError, match="one entry per tile"):
-        AdaptiveState.from_records(4, 4, [0, 1], [0, 0], [1], [[0.1, 0.2], [0.3, 0.4]])
-    empty = AdaptiveState.from_records(*kept.shape, [], [], [], [])      # nothing stored yet: a fresh run
-    fresh = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.1, dilation=0)
-    again = run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.1, dilation=0, state=empty)
-    assert empty.n_encoded == 0 and np.array_equal(again.passes, fresh.passes)
-    with pytest.raises(ConfigError, match="max_passes"):
-        run_adaptive(kept, tissue, revealer(scores), P, S, margin=0.1, dilation=0, max_passes=0)
+        run_adaptive(kept, tissue[:-1], scores, P, S, margin=0.1, dilation=0)
+    st = PassState(kept & (np.arange(kept.shape[1]) > 0), tissue, Selection("adaptive", P, S), 2)
+    with pytest.raises(ValueError, match="not a kept position"):
+        st.add([0], [0], 1, [[0.1, 0.2]])
+    with pytest.raises(ConfigError, match="mode"):
+        PassState(kept, tissue, Selection("partial", P, S), 2)
 
 
 def test_adaptive_settings_key_the_stored_embeddings():
     """Each selection setting stores its tiles apart (maps average the tiles encoded, so mixing
-    settings would change results); the wave size changes no selection and shares them."""
+    settings would change results); pool settings change no selection and share them."""
     from zeus_ray.config import load_config
-    from zeus_ray.pipeline import tiling_key
+    from zeus_ray.keys import tiling_key
 
     def key(*sets):
         return tiling_key(load_config(None, ["tiling.mode=adaptive", *sets]))
@@ -375,6 +389,4 @@ def test_adaptive_settings_key_the_stored_embeddings():
     for s in ("tiling.adaptive_margin=0.01", "tiling.adaptive_dilation=1", "tiling.adaptive_disagreement=true",
               "tiling.adaptive_coarse_first=false"):
         assert key(s) != base, s
-    assert key("ray.adaptive_wave=3") == base
-    with pytest.raises(ConfigError, match="adaptive_wave"):
-        load_config(None, ["ray.adaptive_wave=0"])
+    assert key("ray.chunk_tiles=3") == key("ray.max_slides_in_flight=2") == base

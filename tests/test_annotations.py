@@ -109,10 +109,10 @@ def lesion_files(tmp_path):
         {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]},
          "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}},
     ])
-    # ASAP has no holes: the hole is an exclusion group, and an exclusion also cuts any tumour drawn
-    # inside it (as ASAP's own Camelyon16 mask conversion does), so the ASAP file has no island.
-    asap = write_asap(tmp_path / "l.xml", [(SHELL, "Tumor"), (HOLE, "Exclusion"), (SECOND, "Tumor"),
-                                           (STROMA, "Stroma")], groups=("Tumor", "Exclusion", "Stroma"))
+    # ASAP has no holes: the hole is an exclusion group; the island inside it is its own annotation
+    asap = write_asap(tmp_path / "l.xml", [(SHELL, "Tumor"), (HOLE, "Exclusion"), (ISLAND, "Tumor"),
+                                           (SECOND, "Tumor"), (STROMA, "Stroma")],
+                      groups=("Tumor", "Exclusion", "Stroma"))
     scope = write_imagescope(tmp_path / "scope.xml", [
         ("Tumor", [(SHELL, False), (HOLE, True), (SECOND, False)]),
         ("Tumor", [(ISLAND, False)]),          # an island in a hole lives in its own layer
@@ -130,14 +130,13 @@ def test_grid_rasteriser_matches_point_in_polygon():
 
 def test_four_formats_give_identical_rasters(lesion_files, tmp_path):
     want = centres_inside(lesion(), GRID, CELL0)
-    no_island = centres_inside(MultiPolygon([Polygon(SHELL, [HOLE]), Polygon(SECOND)]), GRID, CELL0)
     qp = read_annotation(lesion_files["geojson"], tumour_classes=["TUMOR"])
     scope = read_annotation(lesion_files["imagescope"], tumour_classes=["tumor"])
     asap = read_annotation(lesion_files["asap"], tumour_classes=["Tumor"], exclude_classes=["Exclusion"])
     assert qp.kind == "polygons" and set(qp.classes) == {"Tumor", "tumor", "Stroma"}
     assert (rasterise_annotation(qp, GRID, CELL0) == want).all()
     assert (rasterise_annotation(scope, GRID, CELL0) == want).all()
-    assert (rasterise_annotation(asap, GRID, CELL0) == no_island).all()  # exclusion also removes the island
+    assert (rasterise_annotation(asap, GRID, CELL0) == want).all()   # the island inside the exclusion stays
     assert abs(qp.geometry.area - lesion().area) < 1e-6
 
     # Mask image at downsample d: a cell can differ only where the boundary passes between its centre
@@ -163,7 +162,7 @@ def test_mask_on_the_grid_is_exact_and_labels_select(tmp_path):
     import tifffile
     tifffile.imwrite(path, labels)
     tum = read_annotation(path, mask_downsample=CELL0, tumour_classes=["2"])
-    assert (rasterise_annotation(tum, GRID, CELL0) == want).all()
+    assert (rasterise_annotation(tum, GRID, CELL0) == want).all() and tum.left_out == ("1",)
     anything = read_annotation(path, mask_downsample=CELL0)   # nonzero
     assert (rasterise_annotation(anything, GRID, CELL0) == (labels > 0)).all()
     # a larger grid than the mask: cells past its edge are not tumour
@@ -188,9 +187,9 @@ def test_class_filtering(lesion_files):
     path = lesion_files["geojson"]
     tumour = read_annotation(path, tumour_classes=["tumor"]).geometry
     stroma = read_annotation(path, tumour_classes=["STROMA"]).geometry
-    everything = read_annotation(path).geometry          # default: any annotation
+    default = read_annotation(path).geometry             # default: tumour terms, Stroma left out
     assert abs(stroma.area - Polygon(STROMA).area) < 1e-6
-    assert abs(everything.area - (tumour.area + stroma.area)) < 1e-6   # disjoint, detection ignored
+    assert default.equals(tumour) and abs(tumour.area - lesion().area) < 1e-6   # detection ignored
     assert read_annotation(lesion_files["imagescope"], tumour_classes=["Stroma"]).geometry.equals(Polygon(STROMA))
     asap_stroma = read_annotation(lesion_files["asap"], tumour_classes=["stroma"]).geometry
     assert asap_stroma.equals(Polygon(STROMA))
@@ -230,7 +229,7 @@ def test_hole_handling_each_format(tmp_path):
     m[:, :] = 1
     m[30:70, 30:70] = 0
     cv2.imwrite(str(png), m)
-    for a in (read_annotation(qp), read_annotation(asap, exclude_classes=["_2"]), read_annotation(scope)):
+    for a in (read_annotation(qp), read_annotation(asap), read_annotation(scope)):   # defaults: `_2` is a hole
         assert a.geometry.equals(want), a.source
         r = rasterise_annotation(a, (10, 10), 100.0)
         assert r.sum() == 84 and not r[3:7, 3:7].any()
@@ -305,3 +304,130 @@ def test_read_from_bucket(s3_bucket, lesion_files):
                                                                               tumour_classes=["Tumor"]).geometry)
     with pytest.raises(AnnotationError, match=f"s3://{s3_bucket}/gt/missing.xml.*not found"):
         read_annotation(f"s3://{s3_bucket}/gt/missing.xml")
+
+
+# --- defaults a pathologist expects: tumour vocabulary, exclusions, left-out classes -----------------
+
+from zeus_ray.annotation_classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS  # noqa: E402
+from zeus_ray.config import EvaluationConfig  # noqa: E402
+
+NECROSIS = [(2500, 300), (3500, 300), (3500, 1200), (2500, 1200)]
+LESION = MultiPolygon([Polygon(SHELL, [HOLE]), Polygon(ISLAND)])
+
+
+@pytest.fixture
+def same_lesion(tmp_path):
+    """One lesion (a shell with a hole, an island in the hole) beside Stroma and Necrosis regions, drawn
+    the way each tool draws it; no class settings are given when these are read."""
+    qp = write_geojson(tmp_path / "qp.geojson", [
+        feature([ring(SHELL), ring(HOLE)], "Tumor"),          # a real hole
+        feature([ring(ISLAND)], None),                          # unclassified: drawn as tumour
+        feature([ring(STROMA)], "Stroma"),
+        feature([ring(NECROSIS)], "Necrosis"),
+    ])
+    asap = write_asap(tmp_path / "camelyon.xml",                # CAMELYON16 groups: _0/_1 tumour, _2 exclusion
+                      [(SHELL, "_0"), (HOLE, "_2"), (ISLAND, "_1"), (STROMA, "Stroma"), (NECROSIS, "Necrosis")],
+                      groups=("_0", "_1", "_2", "Stroma", "Necrosis"))
+    scope = write_imagescope(tmp_path / "scope.xml", [
+        ("Tumour region", [(SHELL, False), (HOLE, True)]),    # NegativeROA hole
+        ("", [(ISLAND, False)]),                                # the island in its own, unnamed layer
+        ("Stroma", [(STROMA, False)]),
+        ("Necrosis", [(NECROSIS, False)]),
+    ])
+    return {"geojson": qp, "asap": asap, "imagescope": scope}
+
+
+def test_same_lesion_identical_truth_in_three_formats_with_defaults(same_lesion):
+    rasters = {}
+    for fmt, path in same_lesion.items():
+        a = read_annotation(path)
+        assert a.left_out == ("Necrosis", "Stroma"), fmt
+        assert a.geometry.symmetric_difference(LESION).area < 1e-6, fmt
+        rasters[fmt] = rasterise_annotation(a, GRID, CELL0)
+    assert (rasters["geojson"] == rasters["asap"]).all() and (rasters["geojson"] == rasters["imagescope"]).all()
+    assert (rasters["geojson"] == centres_inside(LESION, GRID, CELL0)).all()
+    stroma = centres_inside(Polygon(STROMA), GRID, CELL0)
+    necrosis = centres_inside(Polygon(NECROSIS), GRID, CELL0)
+    hole = centres_inside(Polygon(HOLE).difference(Polygon(ISLAND)), GRID, CELL0)
+    island = centres_inside(Polygon(ISLAND), GRID, CELL0)
+    assert min(stroma.sum(), necrosis.sum(), hole.sum(), island.sum()) > 100
+    for fmt, r in rasters.items():
+        assert not r[stroma].any() and not r[necrosis].any(), f"{fmt}: a non-tumour class counted"
+        assert not r[hole].any(), f"{fmt}: the hole / exclusion counted as tumour"
+        assert r[island].all(), f"{fmt}: the island in the hole lost"
+    asap = read_annotation(same_lesion["asap"])
+    assert asap.tumour == ("_0", "_1") and asap.excluded == ("_2",)
+    assert read_annotation(same_lesion["geojson"]).tumour == ("(unclassified)", "Tumor")
+
+
+TUMOUR_NAMES = ["Tumor", "tumour", "Tumour region", "Tumor: Positive", "Invasive carcinoma", "Carcinoma in-situ",
+                "In-situ tumor", "Metastases", "metastasis", "DCIS", "Leiomyoma", "Melanoma", "Tumor no. 2",
+                "Non-invasive carcinoma", "Neoplastic cells", "Malignant", "_0", "_1"]
+LEFT_OUT_NAMES = ["Non-tumour", "non tumor", "No tumour", "Tumour-free margin", "Peritumoral stroma",
+                  "peri-tumoural region", "Tumor-associated stroma", "Tumour necrosis", "Stroma", "Necrosis",
+                  "Other", "Immune cells", "Region*", "Ignore*", "Haematoma", "Healthy glands", "Lymph node",
+                  "Tumor infiltrating lymphocytes", "_3"]
+EXCLUDED_NAMES = ["_2", "Exclusion", "exclude", "Excluded area", "Normal"]
+
+
+def test_vocabulary_matching(tmp_path):
+    names = TUMOUR_NAMES + LEFT_OUT_NAMES + EXCLUDED_NAMES
+    squares = [box(2000 * k, 0, 2000 * k + 1000, 1000) for k in range(len(names))]
+    path = write_geojson(tmp_path / "v.geojson", [feature([ring(list(sq.exterior.coords)[:-1])], n)
+                                                  for sq, n in zip(squares, names)])
+    a = read_annotation(path)
+    assert set(a.tumour) == set(TUMOUR_NAMES)
+    assert set(a.left_out) == set(LEFT_OUT_NAMES)
+    assert set(a.excluded) == set(EXCLUDED_NAMES)
+    assert a.geometry.equals(shapely.union_all(squares[:len(TUMOUR_NAMES)]))
+    # the prompt set's tumour class joins the vocabulary
+    dys = write_geojson(tmp_path / "d.geojson", [feature([ring(SECOND)], "High-grade dysplasia")])
+    assert read_annotation(dys).geometry.is_empty
+    assert read_annotation(dys, tumour_class_name="dysplasia").geometry.equals(Polygon(SECOND))
+
+
+def test_placeholder_names_are_unclassified(tmp_path):
+    scope = write_imagescope(tmp_path / "p.xml", [("Layer 1", [(SECOND, False)])])
+    asap = write_asap(tmp_path / "p_asap.xml", [(SECOND, "None"), (STROMA, "Annotation Group 0")],
+                      groups=("Annotation Group 0",))
+    assert read_annotation(scope).geometry.equals(Polygon(SECOND))
+    a = read_annotation(asap)
+    assert a.geometry.equals(MultiPolygon([Polygon(SECOND), Polygon(STROMA)])) and a.tumour == ("(unclassified)",)
+
+
+def test_explicit_classes_and_terms_override_the_vocabulary(same_lesion):
+    qp, asap = same_lesion["geojson"], same_lesion["asap"]
+    a = read_annotation(qp, tumour_classes=["STROMA"])            # exact names; unclassified no longer counts
+    assert a.geometry.equals(Polygon(STROMA)) and a.left_out == ("(unclassified)", "Necrosis", "Tumor")
+    b = read_annotation(asap, exclude_classes=[])                  # `_2` no longer cut out: left out
+    assert b.geometry.equals(Polygon(SHELL)) and "_2" in b.left_out
+    c = read_annotation(asap, tumour_classes=["_2"], exclude_classes=["necrosis"])
+    assert c.geometry.equals(Polygon(HOLE)) and c.excluded == ("Necrosis",)
+    d = read_annotation(qp, tumour_terms=["necrosis"])             # "Tumor" is no longer a tumour term
+    assert d.geometry.equals(MultiPolygon([Polygon(ISLAND), Polygon(NECROSIS)]))
+    assert read_annotation(asap, tumour_terms=[]).geometry.is_empty
+    e = read_annotation(asap, exclude_terms=["stroma"])            # `_2` is no longer an exclusion
+    assert e.excluded == ("Stroma",) and "_2" in e.left_out and e.geometry.equals(Polygon(SHELL))
+    # the config's defaults are the reader's defaults
+    ev = EvaluationConfig()
+    assert ev.tumour_terms == list(DEFAULT_TUMOUR_TERMS) and ev.exclude_terms == list(DEFAULT_EXCLUDE_TERMS)
+    with pytest.raises(ValueError, match="tumour_terms: '--' has no letter or digit"):
+        EvaluationConfig(tumour_terms=["tumour", "--"])
+
+
+def test_exclusion_cuts_what_it_overlaps_but_not_tumour_drawn_inside_it(tmp_path):
+    big, partial = box(0, 0, 1000, 1000), box(800, 400, 1200, 600)
+    area, inside = box(2000, 0, 3000, 1000), box(2200, 200, 2400, 400)
+    path = write_geojson(tmp_path / "x.geojson", [
+        feature([ring(list(g.exterior.coords)[:-1])], cls)
+        for g, cls in [(big, "Tumor"), (partial, "Exclusion"), (area, "Exclusion"), (inside, "Tumor")]])
+    assert read_annotation(path).geometry.equals(MultiPolygon([big.difference(partial), inside]))
+
+
+def test_left_out_line_once_per_slide(same_lesion, caplog):
+    with caplog.at_level(logging.INFO, logger="zeus_ray.annotations"):
+        read_annotation(same_lesion["asap"])
+    lines = [r for r in caplog.records if "classes not counted as tumour" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert lines[0].getMessage() == (f"annotation file {same_lesion['asap']}: classes not counted as tumour: "
+                                     "Necrosis, Stroma; tumour: _0, _1; cut out: _2")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from _cohort import completed_results as _results, job_config, make_cohort
-from zeus_ray.pipeline import run_cohort
+from zeus_ray.engine.driver import run_cohort
 
 PIN = ["ray.reader_resources={reader: 0.01}", "ray.encoder_resources={encoder: 0.01}", "ray.num_readers=2"]
 
@@ -68,7 +68,7 @@ def _encoder_pids() -> list[int]:
     pids = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "EncodeStage" in cmd and "ray::" in cmd:
+        if "EncodeWorker" in cmd and "ray::" in cmd:
             pids.append(p.info["pid"])
     return pids
 

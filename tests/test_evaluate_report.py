@@ -80,7 +80,7 @@ class Page(HTMLParser):
 def run(tmp_path_factory):
     """Two synthetic slides (one with a hostile centre name) and one missing slide; one Ray run.
     Afterwards the slide files are moved away: nothing below may need them."""
-    from zeus_ray.pipeline import run_cohort
+    from zeus_ray.engine.driver import run_cohort
     base = tmp_path_factory.mktemp("evrep")
     manifest = make_cohort(base / "cohort", n=2, width=1600, height=1200, extra_rows=[f"bad-1,{MISSING_URI},,synthetic,A,"])
     text = manifest.read_text().replace("syn-1.geojson,synthetic,B,", f"syn-1.geojson,synthetic,\"{HOSTILE_CENTRE.replace(chr(34), chr(34) * 2)}\",")
@@ -208,7 +208,7 @@ def test_evaluate_override_folder_changed_and_malformed(run, copy, tmp_path):
         {"type": "Feature", "geometry": shapely.geometry.mapping(lesion),
          "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
     (folder / "syn-1.geojson").write_text('{"type": "FeatureCollection", "features": [')   # truncated
-    overlay_before = (_res(root, "syn-0") / "overlay.png").read_bytes()
+    overlay_before = (_res(root, "syn-0") / "overlay.jpg").read_bytes()
     s = evaluate_results(str(root), annotations=str(folder))
     assert (s.evaluated, s.errors, s.unannotated, s.not_ok) == (1, 1, 0, 1)
     new, old = _slides(root, pk), _slides(out, pk)
@@ -217,7 +217,7 @@ def test_evaluate_override_folder_changed_and_malformed(run, copy, tmp_path):
     assert abs(expected - old.loc["syn-0", "dice"]) > 1e-3
     assert json.loads((_res(root, "syn-0") / "metrics.json").read_text())["dice"] == new.loc["syn-0", "dice"]
     assert json.loads((_res(root, "syn-0") / "_COMPLETE.json").read_text())["dice"] == new.loc["syn-0", "dice"]
-    assert (_res(root, "syn-0") / "overlay.png").read_bytes() != overlay_before
+    assert (_res(root, "syn-0") / "overlay.jpg").read_bytes() != overlay_before
     # the malformed file: that slide has no metrics and its error names the file
     err = new.loc["syn-1", "annotation_error"]
     assert np.isnan(new.loc["syn-1", "dice"]) and "syn-1.geojson" in err and "not valid JSON" in err

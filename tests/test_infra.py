@@ -178,7 +178,7 @@ def _docker_ignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_sends_what_the_build_copies_and_nothing_else():
     patterns = [l.strip() for l in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
                 if l.strip() and not l.startswith("#")]
-    for needed in ["requirements.txt", "pyproject.toml", "README.md", "zeus_ray/pipeline.py",
+    for needed in ["requirements.txt", "pyproject.toml", "README.md", "zeus_ray/engine/driver.py",
                    ENTRY_SCRIPT, "prompts/ai4skin-leiomyoma.yaml", "configs/demo.yaml"]:
         assert not _docker_ignored(needed, patterns), needed
     for junk in [".venv/bin/python", ".git/HEAD", "demo_output/results/x.png", "tests/conftest.py",
@@ -202,7 +202,7 @@ def test_cluster_groups_resources_gpus_and_autoscaling(cluster, groups):
     assert enc["requests"]["nvidia.com/gpu"] == enc["limits"]["nvidia.com/gpu"] == 1
     rdr = groups["reader"]["template"]["spec"]["containers"][0]["resources"]
     assert not any("gpu" in k for k in {**rdr["requests"], **rdr["limits"]})
-    # The job picks GPU encoders only if GPUs exist when it starts (zeus_ray.pipeline).
+    # The job picks GPU encoders only if GPUs exist when it starts (zeus_ray.engine.cluster).
     assert groups["encoder"]["minReplicas"] >= 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import uuid
 
 import numpy as np
@@ -19,6 +20,7 @@ from zeus_ray.config import ModelConfig
 from zeus_ray.encoders.conch import ConchTokenizer
 from zeus_ray.encoders.keep import KeepTokenizer
 from zeus_ray.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from zeus_ray.encoders.base import run_in_batches
 from zeus_ray.encoders.registry import MODELS, load_encoder
 from zeus_ray.errors import ConfigError, WeightsError, ZeusError
 
@@ -156,6 +158,51 @@ def test_conch_through_registry(tmp_path, tiles):
     assert row_cosines(bf16.encode_images(tiles), img).min() > 0.99
 
 
+def _fake_conch_package(site, with_tokenizer: bool = True):
+    """A folder laid out like the installed official CONCH package (github.com/mahmoodlab/CONCH):
+    `conch/__init__.py` and the tokenizer at conch/open_clip_custom/tokenizers/. Its __init__ raises,
+    so the test also proves that finding the file runs none of the package's code."""
+    pkg = site / "conch"
+    (pkg / "open_clip_custom" / "tokenizers").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('the CONCH package must not be imported')\n")
+    if with_tokenizer:
+        make_conch_tokenizer(pkg / "open_clip_custom" / "tokenizers" / "conch_byte_level_bpe_uncased.json")
+    return pkg
+
+
+def test_conch_tokenizer_from_the_installed_package(tmp_path, monkeypatch):
+    path, model = write_conch_checkpoint(tmp_path)
+    pkg = _fake_conch_package(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    enc = load_encoder(ModelConfig(id="conch", weights=str(path)), tiny=True)   # no model.tokenizer
+    tok = pkg / "open_clip_custom" / "tokenizers" / "conch_byte_level_bpe_uncased.json"
+    with torch.no_grad():
+        ref = model.encode_text(ConchTokenizer(tok, vocab_size=model.config.vocab_size)(PROMPTS))
+    np.testing.assert_allclose(enc.encode_texts(PROMPTS), ref.numpy(), atol=1e-5)
+    assert "conch" not in sys.modules
+
+
+def test_conch_without_tokenizer_says_which_file_and_where(tmp_path, monkeypatch):
+    path, _ = write_conch_checkpoint(tmp_path)
+    enc = load_encoder(ModelConfig(id="conch", weights=str(path)), tiny=True)
+    with pytest.raises(WeightsError) as err:
+        enc.encode_texts(PROMPTS)
+    msg = str(err.value)
+    assert "\n" not in msg and "no `conch` package is installed" in msg
+    for part in ("conch/open_clip_custom/tokenizers/conch_byte_level_bpe_uncased.json",
+                 "https://github.com/mahmoodlab/CONCH", "pip install",
+                 "--set model.tokenizer=/path/to/conch_byte_level_bpe_uncased.json"):
+        assert part in msg
+    # An installed package without the file: the message names the exact path it looked at.
+    pkg = _fake_conch_package(tmp_path / "site", with_tokenizer=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    enc = load_encoder(ModelConfig(id="conch", weights=str(path)), tiny=True)
+    with pytest.raises(WeightsError, match="installed `conch` package has no ") as err:
+        enc.encode_texts(PROMPTS)
+    assert str(pkg / "open_clip_custom" / "tokenizers" / "conch_byte_level_bpe_uncased.json") in str(err.value)
+    assert enc.encode_images(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 32)   # images need no tokenizer
+
+
 def test_keep_through_registry_hub_layout(tmp_path, tiles):
     path, model = write_keep_checkpoint(tmp_path, layerscale="weight")   # the hub's `.weight` spelling
     make_keep_tokenizer_dir(tmp_path)                                     # vocab.txt beside the weights
@@ -267,3 +314,46 @@ def test_offline_hf_cache_hit(tmp_path, monkeypatch, tiles):
     assert enc.model_key == f"conch@{sha[:12]}"
     assert enc.encode_images(tiles[:2]).shape == (2, 32)
     assert math.isclose(enc.logit_scale, 1 / 0.07, rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- batch halving on GPU out-of-memory
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_result():
+    """The retry loop of the CUDA encode path, driven by a step that runs out of memory above 10
+    tiles the way torch does (torch.cuda.OutOfMemoryError)."""
+    done, calls, halvings = np.full(37, -1), [], []
+
+    def step(start, stop):
+        calls.append((start, stop))
+        if stop - start > 10:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {stop - start} tiles")
+        done[start:stop] = np.arange(start, stop)
+
+    assert run_in_batches(37, 64, step, on_oom=halvings.append) == 9
+    assert halvings == [18, 9]
+    assert calls == [(0, 37), (0, 18), (0, 9), (9, 18), (18, 27), (27, 36), (36, 37)]
+    assert (done == np.arange(37)).all()
+    calls.clear()
+    assert run_in_batches(37, 9, step) == 9 and calls[0] == (0, 9)   # the size that worked, reused
+    assert run_in_batches(0, 64, step) == 64
+
+
+def test_out_of_memory_on_one_tile_and_other_errors_propagate():
+    calls = []
+
+    def never_fits(start, stop):
+        calls.append(stop - start)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_in_batches(5, 4, never_fits)
+    assert calls == [4, 2, 1]
+
+    def broken(start, stop):
+        calls.append("broken")
+        raise ValueError("not a memory problem")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        run_in_batches(5, 4, broken)
+    assert calls == ["broken"]   # no retry

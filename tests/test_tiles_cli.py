@@ -23,6 +23,8 @@ from zeus_ray.errors import SlideError
 from zeus_ray.synthetic import write_synthetic_slide, write_unsupported_tiff
 from zeus_ray.tiling import grid_from_table_metadata
 
+from _dpi_tiff import write_dpi_tiff
+
 ROOT = Path(__file__).resolve().parents[1]
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
@@ -49,6 +51,11 @@ def runs(tmp_path_factory, slides_dir, s3_server):
     blank = write_synthetic_slide(tmp / "blank.svs", 2048, 2048, 0.5, tissue=MultiPolygon(),
                                   lesions=MultiPolygon(), downsamples=(1, 4))
     plain = write_unsupported_tiff(tmp / "plain.tif")
+    # Generic TIFFs with resolution tags: a screen DPI (72, 300 dpi), none without a unit, and a
+    # microscopy resolution in px/cm; a 2.5x-like scan at 4 µm/px.
+    dpi = {name: write_dpi_tiff(tmp / f"{name}.tif", res, unit) for name, res, unit in
+           (("dpi72", 72, "INCH"), ("dpi300", 300, "INCH"), ("unitless", 72, "NONE"), ("cm", 20000, "CENTIMETER"))}
+    coarse = write_synthetic_slide(tmp / "coarse4.svs", 1024, 768, 4.0, tile=128, downsamples=(1,))
     c = ["--set", f"cache.dir={cache}"]
     jobs = {
         "cmu": [slides_dir / CMU],
@@ -62,6 +69,13 @@ def runs(tmp_path_factory, slides_dir, s3_server):
         "blank": [blank.path],
         "remote": [f"s3://{bucket}/c/{CMU}", *c],
         "no_bucket": [f"s3://zeus-no-such-bucket-{os.getpid()}/{CMU}", *c],
+        "dpi72": [dpi["dpi72"]],
+        "dpi72_mpp": [dpi["dpi72"], "--mpp", "0.5"],
+        "dpi300": [dpi["dpi300"]],
+        "unitless": [dpi["unitless"]],
+        "cm": [dpi["cm"]],
+        "coarse4": [coarse.path],
+        "cmu_budget": [slides_dir / CMU, "--set", "tiling.max_tiles_per_slide=5"],
     }
     cmds = {k: zeus_cmd(*v, "--out", tmp / k) for k, v in jobs.items()}
     run = lambda cmd: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # noqa: E731
@@ -182,6 +196,45 @@ def test_frozen_section_without_mpp_then_override(runs):
 ])
 def test_bad_inputs_one_line(runs, name, needles):
     one_error_line(runs[name][0], *needles)
+
+
+@pytest.mark.parametrize("name,needles", [
+    ("dpi72", [r"'dpi72': metadata says 352\.8 µm/px \(72 dpi, unit inch\): not a microscopy resolution "
+               r"\(0\.05–20 µm/px\); no objective power; give its level-0 µm/px with --mpp"]),
+    ("dpi300", [r"'dpi300': metadata says 84\.67 µm/px \(300 dpi, unit inch\): not a microscopy", "--mpp"]),
+    ("unitless", [r"'unitless': no µm/px in its metadata \(TIFF resolution 72 px per unit, unit none", "--mpp"]),
+    ("coarse4", [r"'coarse4': level 0 is 4 µm/px \(from metadata\), 4× coarser than the target 1 µm/px",
+                 "tiling.magnification to 5 or less", "tiling.max_upsampling"]),
+])
+def test_implausible_geometry_fails_before_tiling(runs, name, needles):
+    """A screen resolution in the TIFF tags is no µm/px, and strong upsampling is an error: one
+    line, exit code 2, no outputs (the 72-dpi slide used to be planned as thousands of tiles each
+    upsampled from about one pixel)."""
+    r, out_dir = runs[name]
+    one_error_line(r, *needles)
+    assert "`mpp` column" not in r.stderr and not out_dir.exists()
+
+
+def test_dpi_tiff_with_mpp_override_and_plausible_tags(runs):
+    r, out_dir = runs["dpi72_mpp"]
+    assert r.returncode == 0, r.stderr
+    assert "level 0 (0.5 µm/px; level 0 0.5 µm/px from override), read 896 px -> 448 px" in r.stdout
+    assert pq.read_table(out_dir / "dpi72" / "tiles.parquet").num_rows > 0
+    override = pq.read_table(out_dir / "dpi72" / "tiles.parquet")
+    r, out_dir = runs["cm"]                       # 20000 px/cm: 0.5 µm/px, used as it is
+    assert r.returncode == 0, r.stderr
+    assert "level 0 0.5 µm/px from metadata" in r.stdout
+    cm = pq.read_table(out_dir / "cm" / "tiles.parquet")
+    cols = ["tile_id", "x", "y", "read_size", "tissue_fraction"]   # same pixels, same µm/px: same tiles
+    assert cm.select(cols).equals(override.select(cols))
+
+
+def test_tile_budget_names_the_count_and_the_key(runs):
+    n = pq.read_table(runs["cmu"][1] / "CMU-1-Small-Region" / "tiles.parquet").num_rows
+    r, out_dir = runs["cmu_budget"]
+    one_error_line(r, "'CMU-1-Small-Region'", f"needs {n:,} tiles, over tiling.max_tiles_per_slide \\(5\\)",
+                   "raise tiling.max_tiles_per_slide")
+    assert not out_dir.exists()
 
 
 def test_debug_shows_the_traceback(runs):

@@ -6,8 +6,7 @@ Formats (sniffed from the content first, the extension second):
   (or features without an objectType) count; detections and cells are skipped. The class is
   `properties.classification.name` (also `.names`, or a plain string in older exports).
 - ASAP XML: `<ASAP_Annotations>`; the class is the annotation's `PartOfGroup` and every group above it
-  in `<AnnotationGroups>`. ASAP has no holes: draw them as a separate group and list it in
-  `exclude_classes` (e.g. Camelyon16's "_2").
+  in `<AnnotationGroups>`. ASAP has no holes: they are exclusion groups (CAMELYON16's `_2`).
 - Aperio ImageScope XML: `<Annotations>`; the class is the layer's `Name`. Within one layer the regions
   with `NegativeROA="1"` are subtracted from the union of its positive regions; layers are then
   united (an island inside a hole therefore belongs in its own layer, as ImageScope draws it).
@@ -15,7 +14,11 @@ Formats (sniffed from the content first, the extension second):
   values), at a stated downsample (level-0 px per mask px) or µm/px (with the slide's mpp0). A
   pyramidal TIFF mask is read at its largest level of at most 2^26 px (scale adjusted).
 
-Regions of the wanted classes are united; regions of `exclude_classes` are subtracted after.
+Each region is tumour, cut out or left out by its class (annotation_classes.py: tumour vocabulary,
+exclusion vocabulary, explicit class lists). Tumour regions are united; an exclusion region is cut out
+of every tumour region except those lying entirely inside it, so a tumour island drawn in an ASAP
+exclusion (a hole) stays tumour, as the same lesion drawn with a real hole and an island in QuPath.
+(ASAP's own mask conversion paints `_2` last and would erase such an island.)
 
 Sampling rule, used for polygons and mask images alike: cell (i, j) of the cell grid covers level-0
 [j*cell0, (j+1)*cell0) × [i*cell0, (i+1)*cell0) and is tumour when its centre ((j+.5)*cell0,
@@ -28,11 +31,10 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-import fsspec
 import numpy as np
 import shapely
 import shapely.affinity
@@ -40,6 +42,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry import shape as geo_shape
 from shapely.geometry.base import BaseGeometry
 
+from .annotation_classes import EXCLUDE, OTHER, TUMOUR, ClassRules, class_rules, is_placeholder
 from .errors import AnnotationError
 
 log = logging.getLogger(__name__)
@@ -56,13 +59,17 @@ class Annotation:
 
     `geometry`: polygonal tumour region in level-0 px (possibly empty) for vector formats; None for
     a mask image, which is kept as `mask` (bool) with `downsample` level-0 px per mask pixel.
-    `classes`: every class name seen in the file (for messages and reports).
+    `classes`: every class name seen in the file (for messages and reports); `tumour`, `excluded`
+    and `left_out`: the classes counted as tumour, cut out, and neither (ASAP: "group / subgroup").
     """
     source: str
     geometry: BaseGeometry | None = None
     mask: np.ndarray | None = None
     downsample: float | None = None
     classes: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
+    tumour: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -73,9 +80,11 @@ def _fail(src: str, what: str) -> AnnotationError:
     return AnnotationError(f"annotation file {src}: {what}")
 
 
-def _read_bytes(src: str) -> bytes:
+def _read_bytes(src: str, storage_options: dict | None = None) -> bytes:
+    from .slide_access import _filesystem  # the input.storage_options rules of every input read
     try:
-        with fsspec.open(src, "rb") as f:
+        fs, path = _filesystem(src, storage_options)
+        with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise _fail(src, "not found; check the path or the manifest's annotation_uri") from None
@@ -120,27 +129,46 @@ def _ring_polygon(coords: list[tuple[float, float]], src: str, where: str) -> Ba
     return _repaired(Polygon(coords), src, where)
 
 
-def _norm(names: Iterable[str] | None) -> set[str] | None:
-    return None if names is None else {str(n).strip().casefold() for n in names}
+def _label(names: tuple[str, ...]) -> str:
+    named = [n.strip() for n in names if n and n.strip()]
+    return " / ".join(reversed(named)) if named and not all(map(is_placeholder, named)) else "(unclassified)"
 
 
-def _finish(src: str, regions: list[tuple[BaseGeometry, tuple[str, ...]]],
-            tumour_classes, exclude_classes) -> Annotation:
-    want, drop = _norm(tumour_classes), _norm(exclude_classes) or set()
+def _nested(tumour: list[BaseGeometry], cut: list[BaseGeometry]) -> BaseGeometry:
+    """Tumour parts minus the exclusions that overlap them; a part lying entirely inside an exclusion
+    is an island drawn in it (or tumour drawn on a larger excluded area) and is kept whole."""
+    if not tumour:
+        return Polygon()
+    if not cut:
+        return shapely.union_all(tumour)
+    tree = shapely.STRtree(cut)
+    shapely.prepare(cut)
+    kept = []
+    for t in tumour:
+        cutters = [cut[i] for i in tree.query(t, predicate="intersects") if not cut[i].covers(t)]
+        kept.append(t.difference(shapely.union_all(cutters)) if cutters else t)
+    return shapely.union_all(kept)
+
+
+def _finish(src: str, regions: list[tuple[BaseGeometry, tuple[str, ...]]], rules: ClassRules) -> Annotation:
     found = tuple(sorted({n for _, names in regions for n in names if n}))
-
-    def match(names, wanted):
-        return any(n.strip().casefold() in wanted for n in names)
-
-    keep = [g for g, names in regions if not match(names, drop) and (want is None or match(names, want))]
-    cut = [g for g, names in regions if match(names, drop)]
-    if regions and not keep:
-        log.warning("annotation file %s: no region has a tumour class (found %s, tumour_classes %s); "
-                    "the slide has no true tumour", src, list(found) or "no classes", sorted(want or []))
-    geom = shapely.union_all(keep) if keep else Polygon()
-    if cut and not geom.is_empty:
-        geom = geom.difference(shapely.union_all(cut))
-    return Annotation(source=src, geometry=_polygonal(geom), classes=found)
+    parts: dict[str, list] = {TUMOUR: [], EXCLUDE: [], OTHER: []}
+    labels: dict[str, set] = {TUMOUR: set(), EXCLUDE: set(), OTHER: set()}
+    for g, names in regions:
+        kind = rules.kind(names)
+        parts[kind].extend(shapely.get_parts(g) if kind == TUMOUR else [g])
+        labels[kind].add(_label(names))
+    tumour, excluded, left_out = (tuple(sorted(labels[k])) for k in (TUMOUR, EXCLUDE, OTHER))
+    # the one line per slide a pathologist reads to check what was taken as the truth
+    log.info("annotation file %s: classes not counted as tumour: %s; tumour: %s; cut out: %s",
+             src, ", ".join(left_out) or "none", ", ".join(tumour) or "none", ", ".join(excluded) or "none")
+    if regions and not tumour:
+        log.warning("annotation file %s: no region has a tumour class (found %s); the slide has no true "
+                    "tumour; set evaluation.tumour_classes or evaluation.tumour_terms if this is wrong",
+                    src, list(found) or "no classes")
+    geom = _polygonal(_nested(parts[TUMOUR], parts[EXCLUDE]))
+    return Annotation(source=src, geometry=geom, classes=found, left_out=left_out, tumour=tumour,
+                      excluded=excluded)
 
 
 # --- QuPath GeoJSON -------------------------------------------------------------------------------
@@ -170,7 +198,7 @@ def _geojson_features(obj, src: str) -> list:
     raise _fail(src, "top level is not a GeoJSON FeatureCollection, Feature, geometry or list of features")
 
 
-def _parse_geojson(src: str, data: bytes, tumour_classes, exclude_classes) -> Annotation:
+def _parse_geojson(src: str, data: bytes, rules: ClassRules) -> Annotation:
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -202,12 +230,12 @@ def _parse_geojson(src: str, data: bytes, tumour_classes, exclude_classes) -> An
         regions.append((g, _qupath_classes(props)))
     if skipped:
         log.info("annotation file %s: %d features without area or not annotations skipped", src, skipped)
-    return _finish(src, regions, tumour_classes, exclude_classes)
+    return _finish(src, regions, rules)
 
 
 # --- ASAP and Aperio ImageScope XML ---------------------------------------------------------------
 
-def _parse_asap(src: str, root, tumour_classes, exclude_classes) -> Annotation:
+def _parse_asap(src: str, root, rules: ClassRules) -> Annotation:
     parent = {g.get("Name"): g.get("PartOfGroup") for g in root.iter("Group")}
     regions = []
     for k, ann in enumerate(root.iter("Annotation")):
@@ -228,10 +256,10 @@ def _parse_asap(src: str, root, tumour_classes, exclude_classes) -> Annotation:
             names.append(group)
             group = parent.get(group)
         regions.append((g, tuple(names)))
-    return _finish(src, regions, tumour_classes, exclude_classes)
+    return _finish(src, regions, rules)
 
 
-def _parse_imagescope(src: str, root, tumour_classes, exclude_classes) -> Annotation:
+def _parse_imagescope(src: str, root, rules: ClassRules) -> Annotation:
     regions = []
     for a, layer in enumerate(root.findall("Annotation")):
         pos, neg = [], []
@@ -251,19 +279,19 @@ def _parse_imagescope(src: str, root, tumour_classes, exclude_classes) -> Annota
             g = shapely.union_all(pos)
             regions.append((_polygonal(g.difference(shapely.union_all(neg)) if neg else g),
                             (layer.get("Name") or "",)))
-    return _finish(src, regions, tumour_classes, exclude_classes)
+    return _finish(src, regions, rules)
 
 
-def _parse_xml(src: str, data: bytes, tumour_classes, exclude_classes) -> Annotation:
+def _parse_xml(src: str, data: bytes, rules: ClassRules) -> Annotation:
     try:
         root = ET.fromstring(data)
     except ET.ParseError as e:
         raise _fail(src, f"not valid XML ({e})") from None
     tag = root.tag.rsplit("}", 1)[-1]
     if tag == "ASAP_Annotations":
-        return _parse_asap(src, root, tumour_classes, exclude_classes)
+        return _parse_asap(src, root, rules)
     if tag == "Annotations":
-        return _parse_imagescope(src, root, tumour_classes, exclude_classes)
+        return _parse_imagescope(src, root, rules)
     raise _fail(src, f"XML root <{tag}> is neither ASAP (<ASAP_Annotations>) nor Aperio ImageScope (<Annotations>)")
 
 
@@ -308,34 +336,58 @@ def _parse_mask(src: str, data: bytes, tumour_classes, mpp0, mask_downsample, ma
         raise _fail(src, f"mask image has shape {img.shape}, expected a 2-D image")
     labels = [int(c) for c in tumour_classes or () if str(c).strip().lstrip("-").isdigit()]
     mask = np.isin(img, labels) if labels else img != 0
+    values = np.unique(img)
+    left_out = tuple(str(v) for v in values[:64] if v != 0 and labels and int(v) not in labels)
+    if labels:
+        log.info("annotation file %s: mask labels not counted as tumour: %s; tumour: %s", src,
+                 ", ".join(left_out) or "none", ", ".join(map(str, labels)))
     return Annotation(source=src, mask=mask, downsample=float(mask_downsample),
-                      classes=tuple(str(v) for v in np.unique(img)[:64]))
+                      classes=tuple(str(v) for v in values[:64]), left_out=left_out,
+                      tumour=tuple(map(str, labels)) if labels else ("nonzero",))
 
 
 # --- public API -----------------------------------------------------------------------------------
 
 def read_annotation(path_or_uri, *, tumour_classes: Sequence[str] | None = None,
-                    exclude_classes: Sequence[str] | None = None, mpp0: float | None = None,
-                    mask_downsample: float | None = None, mask_mpp: float | None = None) -> Annotation:
+                    exclude_classes: Sequence[str] | None = None, tumour_terms: Sequence[str] | None = None,
+                    exclude_terms: Sequence[str] | None = None, tumour_class_name: str | None = None,
+                    mpp0: float | None = None, mask_downsample: float | None = None,
+                    mask_mpp: float | None = None, storage_options: dict | None = None) -> Annotation:
     """Read one slide's ground truth (local path or fsspec URI: s3://, gs://, http...).
 
-    tumour_classes: class names counted as tumour, case-insensitive; None = every annotation.
-    exclude_classes: class names whose regions are cut out of the tumour (e.g. ASAP exclusion groups).
+    By default unclassified annotations and classes named by `tumour_terms` (None: the defaults of
+    annotation_classes.py) or by `tumour_class_name` (the prompt set's tumour class) are tumour;
+    classes named by `exclude_terms` (None: `_2`, exclusion, normal, ...) are cut out; the rest is
+    left out and named in one INFO line. `tumour_classes` / `exclude_classes`: exact class names
+    (case-insensitive) that replace the matching vocabulary; for mask images, integer label values.
     Mask images need mask_downsample, or mask_mpp with mpp0. Raises AnnotationError (one line naming
     the file) for a missing or malformed file; repairs invalid polygons with a logged warning.
     """
     src = os.fspath(path_or_uri)
-    data = _read_bytes(src)
+    rules = class_rules(tumour_classes, exclude_classes, tumour_terms, exclude_terms, tumour_class_name)
+    data = _read_bytes(src, storage_options)   # storage_options: the config's input.storage_options
     ext = _ext(src)
     head = data[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
     if data.startswith(_IMAGE_MAGIC) or (ext in _IMAGE_EXT and not head.startswith((b"{", b"[", b"<"))):
         return _parse_mask(src, data, tumour_classes, mpp0, mask_downsample, mask_mpp)
     if head.startswith((b"{", b"[")) or (ext in {".json", ".geojson"} and not head.startswith(b"<")):
-        return _parse_geojson(src, data, tumour_classes, exclude_classes)
+        return _parse_geojson(src, data, rules)
     if head.startswith(b"<") or ext == ".xml":
-        return _parse_xml(src, data, tumour_classes, exclude_classes)
+        return _parse_xml(src, data, rules)
     raise _fail(src, "not a recognised annotation format (QuPath GeoJSON, ASAP XML, Aperio ImageScope XML, "
                      "or a PNG/TIFF mask image)")
+
+
+def read_with_settings(path_or_uri, evaluation: dict, *, mpp0: float | None, tumour_class_name: str | None = None,
+                       storage_options: dict | None = None) -> Annotation:
+    """`read_annotation` with the class and mask settings of a config's `evaluation` section
+    (a dict), as every evaluation path (run, zeus evaluate, ablation, doctor) reads ground truth."""
+    ev = evaluation or {}
+    return read_annotation(path_or_uri, tumour_classes=ev.get("tumour_classes"),
+                           exclude_classes=ev.get("exclude_classes"), tumour_terms=ev.get("tumour_terms"),
+                           exclude_terms=ev.get("exclude_terms"), tumour_class_name=tumour_class_name, mpp0=mpp0,
+                           mask_downsample=ev.get("mask_downsample"), mask_mpp=ev.get("mask_mpp"),
+                           storage_options=storage_options)
 
 
 def rasterise_geometry(geom: BaseGeometry, shape: tuple[int, int], cell0: float) -> np.ndarray:
@@ -375,12 +427,5 @@ def rasterise_annotation(annotation: Annotation, shape: tuple[int, int], cell0: 
     if annotation.mask is None:
         return rasterise_geometry(annotation.geometry if annotation.geometry is not None else Polygon(),
                                   shape, cell0)
-    h, w = int(shape[0]), int(shape[1])
-    m = annotation.mask
-    step = float(cell0) / annotation.downsample
-    ri = np.floor((np.arange(h) + 0.5) * step).astype(np.int64)
-    ci = np.floor((np.arange(w) + 0.5) * step).astype(np.int64)
-    out = np.zeros((h, w), dtype=bool)
-    rv, cv = ri < m.shape[0], ci < m.shape[1]
-    out[np.ix_(rv, cv)] = m[np.ix_(ri[rv], ci[cv])]
-    return out
+    from .rasterise import resample_nearest   # mask px are `downsample` level-0 px, cells `cell0`
+    return resample_nearest(annotation.mask.astype(bool, copy=False), annotation.downsample, shape, float(cell0), False)

@@ -9,13 +9,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
+from .annotation_classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS
 from .errors import ConfigError
 
 # µm/px assumed for a nominal objective magnification when a slide has no mpp in its metadata:
 # the common scanner convention 40x = 0.25, 20x = 0.5, 10x = 1.0 µm/px.
 MPP_AT_10X = 1.0
+# Level-0 µm/px a microscopy scan can have: scanners write ~0.1–2 µm/px, and a value outside
+# these bounds is a screen DPI in TIFF resolution tags (72 dpi = 352.8 µm/px) or a wrong unit.
+# magnification.resolve_mpp treats such metadata as missing; overrides outside them are errors.
+MIN_PLAUSIBLE_MPP = 0.05
+MAX_PLAUSIBLE_MPP = 20.0
 
 
 def mpp_for_magnification(magnification: float) -> float:
@@ -29,12 +35,38 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     manifest: str | None = Field(None, description="CSV/Parquet with slide_id, uri [, annotation_uri, dataset, center, mpp]")
     glob: str | None = Field(None, description="glob over a folder or bucket, e.g. s3://bucket/slides/*.svs")
+    default_mpp: float | None = Field(None, ge=MIN_PLAUSIBLE_MPP, le=MAX_PLAUSIBLE_MPP,
+                                      description="level-0 µm/px for slides whose metadata gives none or an implausible one "
+                                      "(after the objective power; a manifest `mpp` column beats it)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every remote input read (manifest, glob, slides, annotations), e.g. {anon: true} for a public S3 bucket; {s3: {...}, gs: {...}} gives them per protocol. Credential values are never written to run.json")
 
     @model_validator(mode="after")
     def _one_source(self):
         if self.manifest and self.glob:
             raise ValueError("give either input.manifest or input.glob, not both")
         return self
+
+    @field_serializer("storage_options")
+    def _without_credentials(self, options: dict) -> dict:
+        # Dumps end up in run.json and the output bucket: keep the settings, drop the secrets
+        # (a re-run from a stored config takes credentials from the environment or a profile).
+        return _strip_credentials(options)
+
+
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "sas", "connection_string")
+_NON_SECRET_VALUES = ("anon", "google_default", "cloud", "cache", "browser")   # gcsfs token modes
+
+
+def _strip_credentials(options):
+    if not isinstance(options, dict):
+        return options
+    out = {}
+    for k, v in options.items():
+        secret = any(w in str(k).lower() for w in _CREDENTIAL_WORDS)
+        if secret and not (v is None or isinstance(v, bool) or v in _NON_SECRET_VALUES):
+            continue
+        out[k] = _strip_credentials(v)
+    return out
 
 
 class TissueConfig(_Section):
@@ -57,6 +89,12 @@ class TilingConfig(_Section):
     overlap: float = Field(0.75, ge=0, lt=1, description="fraction of a tile shared with its neighbour")
     min_tissue_fraction: float = Field(0.25, ge=0, le=1, description="keep a tile when this fraction of it is tissue")
     region_tiles: int = Field(8, ge=1, description="tiles per side of one decoded region (each pixel decoded about once)")
+    # A 200k × 100k px 40x scan (about the largest WSIs) fully covered with tissue has 98,124 tile
+    # positions at 10x/448/112 and 395,160 at 20x; 500,000 leaves 5× headroom at the defaults.
+    max_tiles_per_slide: int = Field(500_000, gt=0, description="a slide needing more tiles fails (reason too_many_tiles): "
+                                     "guards against wrong µm/px metadata; raise it for huge slides at high magnification")
+    max_upsampling: float = Field(2.0, ge=1.0, description="a slide coarser than the target by more than this factor fails "
+                                  "(reason upsampling): 2 lets a 5x scan be read at 10x, not a 2.5x one")
     mode: Literal["full", "adaptive"] = Field("full", description="full: encode every overlapping tile (the paper); "
                                               "adaptive: non-overlapping grid first, overlap only where the decision can change")
     # Defaults from the measured curve (benchmarks/RESULTS.md, issue #7): margin 0 refines only the
@@ -101,6 +139,9 @@ class PromptsConfig(_Section):
 class OutputConfig(_Section):
     root: str = Field("zeus_output", description="output root, local path or bucket URI")
     embedding_dtype: Literal["float16", "float32"] = "float16"
+    preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.png, heat-maps), px")
+    heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.png and heatmap_prob_<tumour>.png per slide")
+    tiling_preview: bool = Field(False, description="also write the annotated tiling thumbnail (tiles/…/thumbnail.png), as `zeus tiles` does")
 
 
 class CacheConfig(_Section):
@@ -109,21 +150,33 @@ class CacheConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description="existing cluster (or RAY_ADDRESS); default: a local Ray")
-    num_readers: int | None = Field(None, gt=0, description="concurrent tile-reading tasks")
-    num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else 1)")
-    encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor")
+    address: str | None = Field(None, description="existing cluster (or RAY_ADDRESS); default: a new local Ray")
+    num_readers: int | None = Field(None, gt=0, description="split pools: concurrent CPU tasks (plans, region reads, reduces)")
+    num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one per encoder_cpus CPUs)")
+    encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor (default: 1 per 8 CPUs of the largest node, at least 1)")
+    fuse_read_encode: Literal["auto", "on", "off"] = Field("auto", description="auto: CPU encoders read their own tiles (no pixels through the object store) unless reader_resources pins reads elsewhere")
+    chunk_tiles: int = Field(256, gt=0, description="tiles per encoder call and per stored part")
+    max_slides_in_flight: int | None = Field(None, gt=0, description="slides planned but not finished at a time (default: 2 per encoder + 2)")
     reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
     encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")
-    adaptive_wave: int = Field(256, gt=0, description="tiling.mode adaptive: slides whose passes run together (the driver holds their scores; each wave pays the per-pass start-up once)")
 
 
 class EvaluationConfig(_Section):
-    tumour_classes: list[str] | None = Field(None, description="annotation class names counted as tumour; default: any")
-    exclude_classes: list[str] | None = Field(None, description="annotation class names cut out of the tumour (e.g. ASAP exclusion groups)")
+    tumour_classes: list[str] | None = Field(None, description="exact annotation class names counted as tumour (case-insensitive; mask images: label values); replaces tumour_terms; default: by tumour_terms")
+    exclude_classes: list[str] | None = Field(None, description="exact annotation class names cut out of the tumour; replaces exclude_terms; default: by exclude_terms")
+    tumour_terms: list[str] = Field(list(DEFAULT_TUMOUR_TERMS), description="words that make a class tumour (whole words, case-insensitive, negations such as non-/-free and tissue words such as stroma do not count; '*oma' = any word ending in oma; `_0` = that whole name); unclassified annotations and the prompt set's tumour class also count")
+    exclude_terms: list[str] = Field(list(DEFAULT_EXCLUDE_TERMS), description="words that make a class an exclusion, cut out of the tumour (CAMELYON16 `_2`, exclusion, CAMELYON17 normal)")
     metric_mpp: float | None = Field(None, gt=0, description="µm/px of the metric grid; default: a quarter of the cell (stride) grid")
     mask_downsample: float | None = Field(None, gt=0, description="level-0 px per pixel of mask-image annotations")
     mask_mpp: float | None = Field(None, gt=0, description="µm/px of mask-image annotations (alternative to mask_downsample)")
+
+    @model_validator(mode="after")
+    def _terms_have_words(self):
+        for key in ("tumour_terms", "exclude_terms"):
+            bad = [t for t in getattr(self, key) if not any(c.isalnum() for c in t)]
+            if bad:
+                raise ValueError(f"{key}: {bad[0]!r} has no letter or digit; give words such as 'tumour' or names such as '_0'")
+        return self
 
 
 class JobConfig(_Section):
@@ -136,17 +189,50 @@ class JobConfig(_Section):
     cache: CacheConfig = CacheConfig()
     ray: RayConfig = RayConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    postprocess: Literal["none", "reference"] = Field("none", description="none: the argmax mask as it is (default); reference: the published ZEUS code's smoothing (Gaussian blur of kernel 2×patch+1 px, threshold 10 %, tissue cut) and its metric conventions (1e-6 smoothing term), to compare with the paper's numbers")
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    parts = []
+def _at(tree: Any, loc: tuple[str, ...]) -> tuple[bool, bool]:
+    """(a value is set at or above `loc`, some key is set at or under `loc`) in a nested dict."""
+    node = tree
+    for i, part in enumerate(loc):
+        if not isinstance(node, dict):
+            return i > 0, i > 0
+        if part not in node:
+            return False, False
+        node = node[part]
+    return (False, bool(node)) if isinstance(node, dict) else (True, True)
+
+
+def _blame(loc: tuple[str, ...], layers: list[tuple[str, Any]], every: bool = False) -> str:
+    """Where the setting behind an error came from. `layers` are (label, nested dict), highest
+    priority first (CLI flags, each --set pair, the file): the first one that sets the value at or
+    above `loc` decided it; an error about a whole section (a cross-key check), or about a key that
+    is wrong wherever it is set (`every`: an unknown key), names every layer with keys there."""
+    for label, tree in ([] if every else layers):
+        if _at(tree, loc)[0]:
+            return label
+    under = [label for label, tree in reversed(layers) if _at(tree, loc)[1]]
+    return " + ".join(under) if under else layers[-1][0]
+
+
+def _format_validation_error(err: ValidationError, source: str,
+                             layers: list[tuple[str, Any]] | None = None) -> str:
+    """One line: each error prefixed by where its setting came from (see _blame; just `source`
+    without layers), e.g. `--set tiling.foo=1: unknown key (...)` or `c.yaml: tiling.foo: ...`."""
+    layers = list(layers or []) + [(source, {})]
+    groups: dict[str, list[str]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; `zeus config` lists the valid keys)"
-        parts.append(f"{key}: {msg}")
-    return f"{source}: " + "; ".join(parts)
+        origin = _blame(loc, layers, every=e["type"] == "extra_forbidden")
+        # `--set tiling.foo=1` already names the key
+        named = origin.startswith("--set ") and origin[6:].split("=", 1)[0].strip() == key
+        groups.setdefault(origin, []).append(msg if named else f"{key}: {msg}")
+    return "; ".join(f"{origin}: " + "; ".join(parts) for origin, parts in groups.items())
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -193,20 +279,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path}: the top level must be a mapping of sections")
-    data = _merge(data, parse_overrides(overrides))
-    data = _merge(data, extra or {})
+    # Each origin kept apart so that an error names the one it came from (the file or the --set pair).
+    layers = [("command-line options", extra or {})]
+    layers += [(f"--set {pair}", parse_overrides([pair])) for pair in reversed(overrides or [])]
+    layers.append((source, data))
+    merged = _merge(data, parse_overrides(overrides))
+    merged = _merge(merged, extra or {})
     try:
-        return JobConfig.model_validate(data)
+        return JobConfig.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, layers)) from None
 
 
 def config_reference() -> str:
     """Every key with its default and description, for `zeus config`."""
     lines = []
     for section, field in JobConfig.model_fields.items():
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            default = field.get_default(call_default_factory=True)   # a top-level scalar (postprocess)
+            lines.append(f"{section}: {default!r}" + (f"  # {field.description}" if field.description else ""))
+            continue
         lines.append(f"{section}:")
         for name, f in field.annotation.model_fields.items():
-            default = f.default
+            default = f.get_default(call_default_factory=True)
             lines.append(f"  {name}: {default!r}" + (f"  # {f.description}" if f.description else ""))
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image
 from pydantic import ValidationError
 
-from .config import EvaluationConfig, parse_overrides
+from .config import EvaluationConfig, mpp_for_magnification, parse_overrides
 from .errors import AnnotationError, ConfigError, ZeusError
 from .store import MARKER, OutputStore
 
@@ -152,38 +152,29 @@ def annotation_lookup(run: dict, annotations: str | None) -> tuple[dict[str, str
 
 # --- one slide -------------------------------------------------------------------------------------
 
-def _load_grid(store: OutputStore, res: str) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Tumour and tissue cells, µm per cell and level-0 px per cell, from the stored outputs."""
+def _load_grid(store: OutputStore, res: str, tumour_class: str | None):
+    """(mask as written, argmax tumour cells, tissue cells, µm per cell, level-0 px per cell) from the
+    stored outputs; the argmax comes from the labels image (it differs from the mask only when a
+    post-processing was on)."""
     with np.load(io.BytesIO(store.read_bytes(f"{res}/maps.npz"))) as z:
         tissue, cell_um, cell0 = z["tissue"].astype(bool), float(z["cell_um"]), float(z["cell0"])
-    masks = [p for p in store.fs.ls(res, detail=False) if re.search(r"/mask_[\d.]+mpp\.png$", p)]
-    if not masks:
-        raise FileNotFoundError(f"no mask_<µm>mpp.png in {res}")
+    names = store.fs.ls(res, detail=False)
+    masks = [p for p in names if re.search(r"/mask_[\d.]+mpp\.png$", p)]
+    labels = [p for p in names if re.search(r"/labels_[\d.]+mpp\.png$", p)]
+    if not masks or not labels:
+        raise FileNotFoundError(f"no mask_<µm>mpp.png or labels_<µm>mpp.png in {res}")
     tumour = np.array(Image.open(io.BytesIO(store.read_bytes(masks[0]))).convert("L")) > 0
-    if tumour.shape != tissue.shape:
+    img = Image.open(io.BytesIO(store.read_bytes(labels[0])))
+    classes = img.info.get("classes", "").split(",")
+    argmax = (np.array(img) == classes.index(tumour_class)) if tumour_class in classes else tumour
+    if tumour.shape != tissue.shape or argmax.shape != tissue.shape:
         raise ValueError(f"mask {tumour.shape} and maps.npz tissue {tissue.shape} differ")
-    return tumour, tissue, cell_um, cell0
-
-
-def _write_overlay(store: OutputStore, res: str, tiles_dir: str, sid: str, tumour, tissue, truth, dice,
-                   cell_um: float) -> None:
-    """Redraw overlay.png with the new ground truth and Dice (from the stored display thumbnail)."""
-    from .mask_export import overlay_png
-    from .slide_outputs import load_display
-    if not store.exists(tiles_dir):
-        return
-    display = load_display(store, tiles_dir)
-    if display is None:
-        return
-    thumb, thumb_mpp = display
-    rgb = overlay_png(thumb, tissue, tumour, truth, dice, cells_to_thumb=cell_um / thumb_mpp, title=sid)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    store.write_bytes(f"{res}/overlay.png", buf.getvalue())
+    return tumour, argmax, tissue, cell_um, cell0
 
 
 def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_uri: str | None,
-                   evaluation: dict) -> dict:
+                   evaluation: dict, preview_px: int = 1024, tumour_class_name: str | None = None,
+                   post: dict | None = None, storage_options: dict | None = None) -> dict:
     """Recompute one slide's metrics; return the row's new metric columns and annotation_error."""
     from .slide_outputs import evaluate
     sid = row["slide_id"]
@@ -194,15 +185,16 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
         return upd | {"annotation_error": f"slide {sid!r}: results folder {store.uri(res)} has no {MARKER}; "
                                           "re-run `zeus run` to complete it"}
     try:
-        tumour, tissue, cell_um, cell0 = _load_grid(store, res)
+        tumour, argmax, tissue, cell_um, cell0 = _load_grid(store, res, tumour_class_name)
     except Exception as e:  # noqa: BLE001 - a damaged result folder: this slide only
         return upd | {"annotation_error": f"slide {sid!r}: stored results in {store.uri(res)} cannot be read "
                                           f"({type(e).__name__}: {e}); re-run `zeus run` on it"}
     truth = None
     if annotation_uri is not None:
         try:
-            m, truth = evaluate(annotation_uri, tumour, tissue, cell0=cell0, cell_um=cell_um,
-                                mpp0=cell_um / cell0, evaluation=evaluation)
+            m, truth = evaluate(annotation_uri, argmax, tissue, cell0=cell0, cell_um=cell_um, mpp0=cell_um / cell0,
+                                evaluation=evaluation, tumour_class_name=tumour_class_name, post=post,
+                                storage_options=storage_options)
             upd.update({k: m[k] for k in METRIC_COLUMNS})
             store.write_json(f"{res}/metrics.json", m)
         except AnnotationError as e:
@@ -213,8 +205,9 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
             upd["annotation_error"] = f"slide {sid!r}: evaluation failed ({type(e).__name__}: {e})"
     if upd["dice"] is None and store.exists(f"{res}/metrics.json"):
         store.fs.rm(f"{res}/metrics.json")   # no stale metrics beside a slide that has none now
-    tiles_dir = store.slide_dir(sid, "tiles", str(row["tiling_key"]))
-    _write_overlay(store, res, tiles_dir, sid, tumour, tissue, truth, upd["dice"], cell_um)
+    from .slide_outputs import draw_overlay
+    draw_overlay(store, res, store.slide_dir(sid, "tiles", str(row["tiling_key"])), sid, tumour, tissue, truth,
+                 upd["dice"], cell_um, preview_px)
     new = done | upd | {"annotation_uri": annotation_uri}
     store.write_json(f"{res}/result.json", new)
     store.commit(res, new)   # the marker carries the row a re-run reuses
@@ -260,7 +253,15 @@ def evaluate_results(root: str, prompt_key: str | None = None, annotations: str 
 
     ok = [r for r in rows if r.get("status") == "ok"]
     with ThreadPoolExecutor(max(1, workers)) as pool:   # bucket I/O overlaps; numpy work is small
-        updates = list(pool.map(lambda r: evaluate_slide(store, r, pk, lookup.get(r["slide_id"]), ev), ok))
+        conf = run.get("config") or {}
+        px = int((conf.get("output") or {}).get("preview_px") or 1024)
+        tiling = conf.get("tiling") or {}
+        mpp = tiling.get("target_mpp") or mpp_for_magnification(float(tiling.get("magnification") or 10.0))
+        post = {"mode": conf.get("postprocess") or "none", "patch_um": int(tiling.get("patch_size", 448)) * mpp,
+                "px_um": mpp}
+        opts = (conf.get("input") or {}).get("storage_options")
+        updates = list(pool.map(lambda r: evaluate_slide(store, r, pk, lookup.get(r["slide_id"]), ev, px,
+                                                         run.get("tumour_class"), post, opts), ok))
     for r, upd in zip(ok, updates):
         r.update(upd)
         if upd["annotation_error"]:

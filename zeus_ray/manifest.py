@@ -1,18 +1,21 @@
 """Cohort manifest: CSV/Parquet with `slide_id, uri` (+ optional `annotation_uri, dataset,
 center, mpp`), or a glob over a folder or bucket. Relative URIs resolve against the manifest's
-folder so that a cohort folder can be moved or uploaded as a whole."""
+folder so that a cohort folder can be moved or uploaded as a whole. Remote reads use the config's
+`input.storage_options` (e.g. `{anon: true}` for a public bucket) through `slide_access._filesystem`,
+as the slide and annotation reads do."""
 from __future__ import annotations
 
+import io
 import math
 import posixpath
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import fsspec
 import pandas as pd
 
 from .config import InputConfig
 from .errors import ConfigError, ZeusError
+from .slide_access import _cause, _filesystem, _protocol, _redact, _secrets
 from .store import check_slide_id
 
 REQUIRED = ("slide_id", "uri")
@@ -50,12 +53,26 @@ def _clean(value):
     return text or None
 
 
-def read_manifest(uri: str) -> list[SlideEntry]:
+def _remote_error(what: str, uri: str, e: Exception, storage_options: dict | None) -> ConfigError:
+    """One line naming the input and why the backend refused, without credentials."""
+    opts = storage_options or {}
+    anon = opts.get("anon") or (opts.get(_protocol(uri)) or {}).get("anon")
+    refused = isinstance(e, PermissionError) or "credential" in type(e).__name__.lower()
+    return ConfigError(f"{what} {_redact(uri)}: {_redact(_cause(e, _protocol(uri)), _secrets(storage_options))}"
+                       + (" (a public bucket needs input.storage_options {anon: true})" if refused and not anon else ""))
+
+
+def read_manifest(uri: str, storage_options: dict | None = None) -> list[SlideEntry]:
     try:
-        with fsspec.open(uri, "rb") as f:
-            df = pd.read_parquet(f) if uri.endswith(".parquet") else pd.read_csv(f, dtype=str)
+        fs, path = _filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"input.manifest {uri}: file not found") from None
+        raise ConfigError(f"input.manifest {_redact(uri)}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - access, network: one line, no credentials
+        raise _remote_error("input.manifest", uri, e, storage_options) from None
+    try:
+        df = pd.read_parquet(io.BytesIO(data)) if uri.endswith(".parquet") else pd.read_csv(io.BytesIO(data), dtype=str)
     except Exception as e:  # parser errors: name the file, one line
         raise ConfigError(f"input.manifest {uri}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -92,8 +109,12 @@ def read_manifest(uri: str) -> list[SlideEntry]:
     return entries
 
 
-def glob_slides(pattern: str) -> list[SlideEntry]:
-    fs, _, paths = fsspec.get_fs_token_paths(pattern)
+def glob_slides(pattern: str, storage_options: dict | None = None) -> list[SlideEntry]:
+    try:
+        fs, path = _filesystem(pattern, storage_options)
+        paths = fs.glob(path)
+    except Exception as e:  # noqa: BLE001 - access, network: one line, no credentials
+        raise _remote_error("input.glob", pattern, e, storage_options) from None
     proto = pattern.split("://", 1)[0] + "://" if _is_remote(pattern) else ""
     found = sorted(p for p in paths if p.lower().endswith(SLIDE_SUFFIXES))
     if not found:
@@ -110,7 +131,7 @@ def glob_slides(pattern: str) -> list[SlideEntry]:
 
 def load_cohort(cfg: InputConfig) -> list[SlideEntry]:
     if cfg.manifest:
-        return read_manifest(cfg.manifest)
+        return read_manifest(cfg.manifest, cfg.storage_options)
     if cfg.glob:
-        return glob_slides(cfg.glob)
+        return glob_slides(cfg.glob, cfg.storage_options)
     raise ConfigError("input: set input.manifest (CSV/Parquet) or input.glob (e.g. s3://bucket/slides/*.svs)")

@@ -28,8 +28,12 @@ def _ratio(num: int, den: int) -> float:
     return num / den if den else math.nan
 
 
+CONVENTIONS = ("zeus", "reference")
+REFERENCE_SMOOTH = 1e-6   # the published evaluation's smoothing term (see segmentation_metrics)
+
+
 def segmentation_metrics(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, *,
-                         cell_area_mm2: float | None = None) -> dict:
+                         cell_area_mm2: float | None = None, convention: str = "zeus") -> dict:
     """Dice, precision, recall and IoU of bool masks on the same grid, inside `valid` (tissue).
 
     Returns tp, fp, fn (cell counts), dice = 2tp/(2tp+fp+fn), precision = tp/(tp+fp),
@@ -43,7 +47,19 @@ def segmentation_metrics(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray 
     - no predicted tumour, some true: dice = iou = recall = 0.0, precision = NaN (0/0: nothing was
       predicted).
     NaNs are skipped (and counted) by `cohort_tables`.
+
+    convention="reference" follows the published ZEUS evaluation instead (smoreno18/ZEUS
+    evaluation/eval_segmentation.py at 4e3b85d, lines 11-79, read, not copied; `postprocess:
+    reference`): every ratio gets a 1e-6 term on both sides, dice = (2tp + e)/(2tp + fp + fn + e),
+    precision = (tp + e)/(tp + fp + e), recall = (tp + e)/(tp + fn + e) (iou likewise, ours). So
+    nothing is NaN: no truth and no prediction gives 1, 1, 1; no truth gives recall 1 and dice =
+    precision = e/(fp + e) (about 0); no prediction gives precision 1 and dice = recall ≈ 0. Our
+    counts are cells of the metric grid, the reference's pixels: the e terms differ by the ratio
+    of the areas, far below the printed digits. The result says which convention it used
+    (`metric_convention`).
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"metric convention {convention!r}: use one of {', '.join(CONVENTIONS)}")
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape or (valid is not None and np.shape(valid) != pred.shape):
         raise ValueError(f"mask shapes differ: pred {pred.shape}, truth {truth.shape}, "
@@ -54,14 +70,19 @@ def segmentation_metrics(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray 
     tp = int(np.count_nonzero(pred & truth))
     fp = int(np.count_nonzero(pred & ~truth))
     fn = int(np.count_nonzero(~pred & truth))
-    if tp + fp + fn == 0:
+    if convention == "reference":
+        e = REFERENCE_SMOOTH
+        dice, iou = (2 * tp + e) / (2 * tp + fp + fn + e), (tp + e) / (tp + fp + fn + e)
+        precision, recall = (tp + e) / (tp + fp + e), (tp + e) / (tp + fn + e)
+    elif tp + fp + fn == 0:
         dice = iou = precision = recall = 1.0
     else:
         dice, iou = 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
         precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     area = math.nan if cell_area_mm2 is None else float(cell_area_mm2)
     return {"tp": tp, "fp": fp, "fn": fn, "dice": dice, "precision": precision, "recall": recall,
-            "iou": iou, "pred_area_mm2": (tp + fp) * area, "true_area_mm2": (tp + fn) * area}
+            "iou": iou, "pred_area_mm2": (tp + fp) * area, "true_area_mm2": (tp + fn) * area,
+            "metric_convention": convention}
 
 
 def _summary(df: pd.DataFrame, keys: list[str], ddof: int) -> pd.DataFrame:

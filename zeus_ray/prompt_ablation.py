@@ -66,26 +66,20 @@ def encode_prompts(encoder, ps: PromptSet) -> list[np.ndarray]:
     return out
 
 
-def slide_dice(store, keys, entry: dict, matrices: np.ndarray, tumour_index: int, evaluation: dict) -> list[float]:
+def slide_dice(store, keys, entry: dict, matrices: np.ndarray, tumour_index: int, evaluation: dict,
+               tumour_class_name: str | None = None) -> list[float]:
     """Dice of each variant's tumour mask against the slide's annotation (metric grid as in runs)."""
-    from .annotations import rasterise_annotation, read_annotation
-    from .metrics import segmentation_metrics
-    from .slide_outputs import _upsample
+    from .slide_outputs import metric_truth, metrics_on_grid
     from .slide_reduce import cosine_scores, load_embeddings, load_slide_grid
 
     sg = load_slide_grid(store, keys.tiles_dir)
     emb = load_embeddings(store, keys.emb_dir, sg)
-    f = max(1, int(round(sg.cell_um / (evaluation.get("metric_mpp") or sg.cell_um / 4))))
-    ann = read_annotation(entry["annotation_uri"], tumour_classes=evaluation.get("tumour_classes"),
-                          exclude_classes=evaluation.get("exclude_classes"), mpp0=sg.grid.mpp0,
-                          mask_downsample=evaluation.get("mask_downsample"), mask_mpp=evaluation.get("mask_mpp"))
-    valid = _upsample(sg.tissue_cells, f)
-    truth = rasterise_annotation(ann, valid.shape, sg.cell0 / f)
+    f, truth = metric_truth(entry["annotation_uri"], sg.shape, cell0=sg.cell0, cell_um=sg.cell_um,
+                            mpp0=sg.grid.mpp0, evaluation=evaluation, tumour_class_name=tumour_class_name)
     dice = []
     for cm in matrices:
         maps, _ = sg.maps(cosine_scores(emb, cm))
-        tumour = sg.labels(maps) == tumour_index
-        dice.append(segmentation_metrics(_upsample(tumour, f), truth, valid)["dice"])
+        dice.append(metrics_on_grid(sg.labels(maps) == tumour_index, sg.tissue_cells, truth, f, sg.cell_um)["dice"])
     return dice
 
 
@@ -112,11 +106,11 @@ def _text_task(model_cfg, ps: PromptSet):
     return encode_prompts(enc, ps), enc.model_key
 
 
-def _slide_task(store_root, keys, entry, matrices, tumour_index, evaluation):
+def _slide_task(store_root, keys, entry, matrices, tumour_index, evaluation, tumour_class_name):
     from .store import OutputStore
     try:
         return entry["slide_id"], slide_dice(OutputStore(store_root), keys, entry, matrices, tumour_index,
-                                             evaluation), None
+                                             evaluation, tumour_class_name), None
     except Exception as e:  # one slide's missing data or bad annotation never stops the study
         return entry["slide_id"], None, f"{type(e).__name__}: {e}"
 
@@ -127,7 +121,8 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     import ray
 
     from .manifest import load_cohort
-    from .pipeline import init_ray, slide_keys, tiling_key
+    from .engine.cluster import init_ray
+    from .keys import run_key, slide_keys, tiling_key
     from .prompts import load_prompt_set, prompt_key
     from .store import OutputStore
 
@@ -139,11 +134,12 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         prompt_emb, model_key = ray.get(ray.remote(_text_task).options(num_cpus=1).remote(cfg.model, ps))
         vs = variants(ps)
         mats = ray.put(variant_matrices(prompt_emb, vs))
-        pkey, tkey = prompt_key(ps, model_key), tiling_key(cfg)
+        pkey, tkey = run_key(prompt_key(ps, model_key), cfg), tiling_key(cfg)
         task = ray.remote(_slide_task).options(num_cpus=1)
-        refs = [task.remote(store.root_uri, slide_keys(store, e, tkey, model_key, pkey), e.as_dict(), mats,
-                            ps.tumour_index, cfg.evaluation.model_dump())
-                for e in entries if store.complete(slide_keys(store, e, tkey, model_key, pkey).emb_dir)]
+        keys = {e.slide_id: slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey) for e in entries}
+        refs = [task.remote(store.root_uri, keys[e.slide_id], e.as_dict(), mats, ps.tumour_index,
+                            cfg.evaluation.model_dump(), ps.class_names[ps.tumour_index])
+                for e in entries if store.complete(keys[e.slide_id].emb_dir)]
         results = ray.get(refs)
     finally:
         if started:

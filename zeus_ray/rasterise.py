@@ -34,12 +34,29 @@ def grid_shape(n_rows: int, n_cols: int, geom: CellGeometry) -> tuple[int, int]:
     return (max(n_rows - 1, 0) * geom.s + geom.k, max(n_cols - 1, 0) * geom.s + geom.k)
 
 
-def _window_sum(scattered: np.ndarray, k: int) -> np.ndarray:
-    """out[..., i, j] = sum of scattered[..., i-k+1..i, j-k+1..j] (a backwards-looking k×k box)."""
-    c = np.cumsum(np.cumsum(scattered, axis=-2), axis=-1)
-    pad = [(0, 0)] * (c.ndim - 2) + [(k, 0), (k, 0)]
-    c = np.pad(c, pad)
-    return c[..., k:, k:] - c[..., :-k, k:] - c[..., k:, :-k] + c[..., :-k, :-k]
+def integral(a: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Summed-area table over the last two axes with a leading zero row and column:
+    sat[..., i, j] = a[..., :i, :j].sum(). The one box-sum helper of the project."""
+    a = np.asarray(a)
+    sat = np.zeros(a.shape[:-2] + (a.shape[-2] + 1, a.shape[-1] + 1), dtype)
+    np.cumsum(np.cumsum(a, axis=-2, dtype=dtype), axis=-1, out=sat[..., 1:, 1:])
+    return sat
+
+
+def box_sums(sat: np.ndarray, r0, r1, c0, c1) -> np.ndarray:
+    """Sums of the boxes [r0, r1) × [c0, c1) for every (row box, column box) pair: 1-D row bounds
+    r0, r1 and column bounds c0, c1 give a (len(r0), len(c0)) grid (over the last two axes)."""
+    r0, r1 = np.asarray(r0)[:, None], np.asarray(r1)[:, None]
+    c0, c1 = np.asarray(c0)[None, :], np.asarray(c1)[None, :]
+    return sat[..., r1, c1] - sat[..., r0, c1] - sat[..., r1, c0] + sat[..., r0, c0]
+
+
+def window_sum(a: np.ndarray, k: int) -> np.ndarray:
+    """out[..., i, j] = sum of a[..., i-k+1..i, j-k+1..j] (a backwards-looking k × k box)."""
+    h, w = a.shape[-2:]
+    # k more zero rows/columns in front: q[m + k] = sat[m] and q[< k] = 0, so slices do the clipping.
+    q = np.pad(integral(a), [(0, 0)] * (a.ndim - 2) + [(k, 0), (k, 0)])
+    return q[..., k + 1:, k + 1:] - q[..., 1:h + 1, k + 1:] - q[..., k + 1:, 1:w + 1] + q[..., 1:h + 1, 1:w + 1]
 
 
 def average_maps(grid_rows: np.ndarray, grid_cols: np.ndarray, scores: np.ndarray,
@@ -65,7 +82,7 @@ def average_maps(grid_rows: np.ndarray, grid_cols: np.ndarray, scores: np.ndarra
         raise ValueError("duplicate tile positions")
     scattered[:n_cls].reshape(n_cls, -1)[:, flat] = scores.T
     scattered[n_cls].reshape(-1)[flat] = 1.0
-    sums = _window_sum(scattered, geom.k)
+    sums = window_sum(scattered, geom.k)
     counts = np.rint(sums[n_cls]).astype(np.int32)
     with np.errstate(invalid="ignore", divide="ignore"):
         maps = (sums[:n_cls] / counts).astype(np.float32)
@@ -91,14 +108,24 @@ def softmax_maps(maps: np.ndarray, logit_scale: float) -> np.ndarray:
     return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
+def resample_nearest(arr: np.ndarray, src_px, shape: tuple[int, int], dst_px, fill=0) -> np.ndarray:
+    """Nearest sample of a grid `arr` (pixels `src_px` wide) at the pixel centres of a grid of
+    `shape` (pixels `dst_px` wide): both in the same unit, both starting at 0; a size may be a
+    (y, x) pair. Pixels whose centre falls outside `arr` get `fill`. The one nearest resampler of
+    the project (masks to cells, cells to previews and viewer rasters, mask annotations to cells)."""
+    a = np.asarray(arr)
+    sy, sx = (src_px, src_px) if np.ndim(src_px) == 0 else src_px
+    dy, dx = (dst_px, dst_px) if np.ndim(dst_px) == 0 else dst_px
+    h, w = int(shape[0]), int(shape[1])
+    ri = np.floor((np.arange(h) + 0.5) * (dy / sy)).astype(np.int64)
+    ci = np.floor((np.arange(w) + 0.5) * (dx / sx)).astype(np.int64)
+    out = np.full((h, w) + a.shape[2:], fill, dtype=a.dtype)
+    nr, nc = int((ri < a.shape[0]).sum()), int((ci < a.shape[1]).sum())   # indices grow: a prefix is inside
+    out[:nr, :nc] = a.take(ri[:nr], axis=0).take(ci[:nc], axis=1)          # two takes: far faster than np.ix_
+    return out
+
+
 def resample_mask_to_grid(mask: np.ndarray, mask_mpp: float, shape: tuple[int, int],
                           cell_um: float) -> np.ndarray:
     """Nearest sample of a binary mask (at mask_mpp µm/px) at each cell centre of the grid."""
-    h, w = shape
-    ys = ((np.arange(h) + 0.5) * cell_um / mask_mpp).astype(np.int64)
-    xs = ((np.arange(w) + 0.5) * cell_um / mask_mpp).astype(np.int64)
-    inside_y = ys < mask.shape[0]
-    inside_x = xs < mask.shape[1]
-    out = np.zeros((h, w), dtype=bool)
-    out[np.ix_(inside_y, inside_x)] = mask[np.ix_(ys[inside_y], xs[inside_x])] > 0
-    return out
+    return resample_nearest(np.asarray(mask) > 0, mask_mpp, shape, cell_um, False)

@@ -73,7 +73,7 @@ def _read_table(store: OutputStore, out: str, name: str) -> pd.DataFrame | None:
 
 
 def _thumbnail(store: OutputStore, path: str, width: int) -> str | None:
-    """overlay.png as a base64 JPEG data URI at most `width` px wide, or None when absent."""
+    """overlay.jpg as a base64 JPEG data URI at most `width` px wide, or None when absent."""
     try:
         img = Image.open(io.BytesIO(store.read_bytes(path))).convert("RGB")
     except (FileNotFoundError, OSError):
@@ -248,7 +248,7 @@ def _gallery(store: OutputStore, df: pd.DataFrame, prompt_key: str, width: int, 
     def thumb(r):
         if not isinstance(r.get("tiling_key"), str):
             return None
-        return _thumbnail(store, f"{store.slide_dir(r['slide_id'], 'results', r['tiling_key'], prompt_key)}/overlay.png", width)
+        return _thumbnail(store, f"{store.slide_dir(r['slide_id'], 'results', r['tiling_key'], prompt_key)}/overlay.jpg", width)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         thumbs = list(pool.map(thumb, ok))

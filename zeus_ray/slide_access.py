@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import openslide
 from filelock import FileLock, Timeout
 from PIL import UnidentifiedImageError
 
@@ -49,10 +48,12 @@ def _local_path(uri: str) -> str:
     return os.path.expanduser(uri)
 
 
-def _redact(text: str) -> str:
-    """Remove anything credential-like from a message: user:password@ in URLs and the values of
-    credential environment variables (a library may echo them back in an error)."""
+def _redact(text: str, secrets=()) -> str:
+    """Remove anything credential-like from a message: user:password@ in URLs, the values of
+    credential environment variables and `secrets` (a library may echo them back in an error)."""
     text = re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
+    for value in secrets:
+        text = text.replace(value, "***")
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
                 "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING"):
         value = os.environ.get(var)
@@ -83,11 +84,14 @@ def _cause(err: BaseException, protocol: str | None = None) -> str:
     return _redact(f"{hint} ({name}: {msg})" if msg and hint != name else f"{hint}: {msg}" if msg else hint)
 
 
-def _filesystem(uri: str):
+def _filesystem(uri: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path) for any input URI. `storage_options` (the config's
+    input.storage_options, e.g. {"anon": True}) apply to remote URIs only: flat keys to every
+    protocol, a key naming a protocol ({"s3": {...}, "gs": {...}}) to that protocol only."""
     import fsspec
 
     protocol = _protocol(uri)
-    options = {}
+    options: dict = {}
     if protocol in ("s3", "s3a"):
         # Pass the endpoint explicitly: it also keys fsspec's instance cache, so a changed
         # AWS_ENDPOINT_URL is honoured within one process.
@@ -96,7 +100,25 @@ def _filesystem(uri: str):
             options["client_kwargs"] = {"endpoint_url": endpoint}
         # Fail fast on an unreachable endpoint instead of botocore's long retry loop.
         options["config_kwargs"] = {"connect_timeout": 10, "retries": {"max_attempts": 2}}
+    if storage_options and protocol not in _LOCAL_PROTOCOLS:
+        known = set(fsspec.available_protocols())
+        per = {k for k, v in storage_options.items() if k in known and isinstance(v, dict)}
+        given = {k: v for k, v in storage_options.items() if k not in per}
+        given.update(storage_options.get(protocol) or storage_options.get({"s3a": "s3"}.get(protocol, "")) or {})
+        for k, v in given.items():   # the user's client/config kwargs add to ours, not replace them
+            options[k] = {**options[k], **v} if isinstance(v, dict) and isinstance(options.get(k), dict) else v
     return fsspec.core.url_to_fs(uri, **options)
+
+
+def _secrets(storage_options: dict | None) -> list[str]:
+    """String values of credential-like storage options, to scrub from messages."""
+    out = []
+    for k, v in (storage_options or {}).items():
+        if isinstance(v, dict):
+            out += _secrets(v)
+        elif isinstance(v, str) and len(v) >= 4 and any(w in str(k).lower() for w in ("key", "secret", "token", "password")):
+            out.append(v)
+    return out
 
 
 def _identity(info: dict) -> dict:
@@ -144,9 +166,11 @@ def _evict(cache_dir: Path, max_bytes: int, keep: Path) -> None:
                         "larger than the limit: raise cache.max_gb)", cache_dir, total / 1e9, max_bytes / 1e9)
 
 
-def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | None = None) -> str:
+def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | None = None,
+             storage_options: dict | None = None) -> str:
     """Return a local path for `uri`: local paths as they are (checked to exist), remote ones
-    fetched once into the cache. Raises SlideError (reason `missing` or `remote`)."""
+    fetched once into the cache (with fsspec `storage_options`, the config's
+    input.storage_options). Raises SlideError (reason `missing` or `remote`)."""
     sid = slide_id if slide_id is not None else uri
     protocol = _protocol(uri)
     if protocol in _LOCAL_PROTOCOLS:
@@ -158,7 +182,11 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
     safe_uri = _redact(uri)
     cfg = cache_cfg or CacheConfig()
     try:
-        fs, rpath = _filesystem(uri)
+        fs, rpath = _filesystem(uri, storage_options)
+    except TypeError as e:   # an option the backend does not take: name it, never its value
+        raise SlideError(sid, f"cannot open {safe_uri}: input.storage_options not accepted by the "
+                         f"{protocol} backend ({_redact(str(e).splitlines()[0], _secrets(storage_options))})",
+                         reason="remote") from None
     except ImportError as e:  # fsspec knows the protocol; its backend package is missing
         raise SlideError(sid, f"cannot open {safe_uri}: {str(e).splitlines()[0]}", reason="remote") from None
     except ValueError:
@@ -168,7 +196,8 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
         fs.invalidate_cache(rpath)
         info = fs.info(rpath)
     except Exception as e:  # noqa: BLE001 - any backend error becomes one clear line
-        raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e, protocol)}", reason="remote") from None
+        raise SlideError(sid, f"cannot fetch {safe_uri}: {_redact(_cause(e, protocol), _secrets(storage_options))}",
+                         reason="remote") from None
     is_dir = info.get("type") == "directory"
     ident = _identity(info)
     key = hashlib.sha256(json.dumps([uri, ident], sort_keys=True).encode()).hexdigest()[:32]
@@ -210,7 +239,8 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
                 if isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(str(cache_dir)):
                     raise SlideError(sid, f"cannot write {safe_uri} into the slide cache {cache_dir}: "
                                      f"{e.strerror or e} (free some space or set cache.dir)", reason="cache") from None
-                raise SlideError(sid, f"cannot fetch {safe_uri}: {_cause(e, protocol)}", reason="remote") from None
+                raise SlideError(sid, f"cannot fetch {safe_uri}: {_redact(_cause(e, protocol), _secrets(storage_options))}",
+                                 reason="remote") from None
             log.info("slide cache: fetched %s (%.1f MB, %.1f s)", safe_uri,
                      _dir_size(entry) / 1e6, time.monotonic() - t0)
         now = time.time_ns()   # LRU: touch on use, with the fine clock (the kernel's file clock is coarse)
@@ -228,10 +258,12 @@ def _dicom_file(folder: str, sid: str) -> str:
     return str(files[0])
 
 
-def open_slide(uri: str, slide_id: str, cache_cfg: CacheConfig | None = None) -> openslide.OpenSlide:
+def open_slide(uri: str, slide_id: str, cache_cfg: CacheConfig | None = None,
+               storage_options: dict | None = None):
     """Localise `uri` and open it with OpenSlide. Raises SlideError with reason `missing`,
     `remote`, `unsupported` or `unreadable`."""
-    path = localise(uri, cache_cfg, slide_id)
+    import openslide   # here, not at the top: manifest and evaluation code import this module
+    path = localise(uri, cache_cfg, slide_id, storage_options)
     if os.path.isdir(path):
         path = _dicom_file(path, slide_id)
     try:
@@ -250,6 +282,7 @@ def open_slide(uri: str, slide_id: str, cache_cfg: CacheConfig | None = None) ->
 def slide_read_errors(slide_id: str):
     """Turn decoding failures while reading regions into SlideError(reason="unreadable").
     A slide can open fine and only fail when a damaged tile is decoded."""
+    import openslide
     try:
         yield
     except openslide.OpenSlideError as e:

@@ -1,7 +1,9 @@
-"""Per-slide reduce (no Ray): embeddings → similarities → overlap-averaged maps → mask → outputs.
+"""Per-slide reduce (no Ray): stored embedding parts → similarities → overlap-averaged maps →
+argmax → mask → outputs.
 
-Runs as one Ray task per slide (pipeline.py), reading only that slide's rows: no global shuffle.
-Everything is written under the slide's result folder, marker last (store.OutputStore).
+Runs once per slide (engine/work.reduce_work) when its passes are done, reading only that slide's
+parts: no global shuffle. Everything is written under the slide's result folder, marker last
+(store.OutputStore).
 """
 from __future__ import annotations
 
@@ -15,40 +17,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from .errors import ZeusError
 from .rasterise import argmax_mask, average_maps, cell_geometry, grid_shape, resample_mask_to_grid, softmax_maps
 from .store import OutputStore
 from .tiling import GRID_METADATA_KEY, TileGrid
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Keys:
-    tiling_key: str      # tiling + tissue parameters (the slide's fingerprint is in its tiles marker)
-    model_key: str
-    prompt_key: str
-    tiles_dir: str
-    emb_dir: str
-    res_dir: str
-
-
-def embedding_table(slide_id: str, tiles: pa.Table, emb: np.ndarray, keys: Keys, dtype: str) -> pa.Table:
-    """Embeddings contract: slide_id, tile_id, grid_row, grid_col, embedding (fixed-size list)."""
-    n, d = emb.shape
-    values = pa.array(emb.astype(dtype).ravel())
-    return pa.table({
-        "slide_id": pa.array([slide_id] * n, pa.string()),
-        "tile_id": tiles["tile_id"], "grid_row": tiles["grid_row"], "grid_col": tiles["grid_col"],
-        "embedding": pa.FixedSizeListArray.from_arrays(values, d),
-        "tiling_key": pa.array([keys.tiling_key] * n, pa.string()),
-        "model_key": pa.array([keys.model_key] * n, pa.string()),
-    })
-
-
-def embeddings_from_table(table: pa.Table) -> np.ndarray:
-    col = table["embedding"].combine_chunks()
-    d = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
 
 
 def cosine_scores(emb: np.ndarray, class_matrix: np.ndarray) -> np.ndarray:
@@ -60,7 +34,7 @@ def cosine_scores(emb: np.ndarray, class_matrix: np.ndarray) -> np.ndarray:
 
 
 def similarity_table(slide_id: str, tiles: pa.Table, scores: np.ndarray, class_names: list[str],
-                     keys: Keys) -> pa.Table:
+                     keys) -> pa.Table:
     n = len(tiles)
     cols = {"slide_id": pa.array([slide_id] * n, pa.string()), "tile_id": tiles["tile_id"],
             "grid_row": tiles["grid_row"], "grid_col": tiles["grid_col"]}
@@ -70,16 +44,6 @@ def similarity_table(slide_id: str, tiles: pa.Table, scores: np.ndarray, class_n
     cols["model_key"] = pa.array([keys.model_key] * n, pa.string())
     table = pa.table(cols)
     return table.replace_schema_metadata({b"zeus.classes": ",".join(class_names).encode()})
-
-
-def _png(arr: np.ndarray, **info) -> bytes:
-    buf = io.BytesIO()
-    from PIL import PngImagePlugin
-    meta = PngImagePlugin.PngInfo()
-    for k, v in info.items():
-        meta.add_text(k, str(v))
-    Image.fromarray(arr).save(buf, format="PNG", pnginfo=meta)
-    return buf.getvalue()
 
 
 def load_tissue_mask(store: OutputStore, tiles_dir: str) -> tuple[np.ndarray, float]:
@@ -125,96 +89,69 @@ def load_slide_grid(store: OutputStore, tiles_dir: str) -> SlideGrid:
                      resample_mask_to_grid(tissue, tissue_mpp, shape, cell_um))
 
 
-def load_embeddings(store: OutputStore, emb_dir: str, sg: SlideGrid | None = None) -> np.ndarray:
-    """The stored embeddings in tile_id order; with `sg`, its tiles are narrowed to the stored ones
-    (adaptive mode stores a subset)."""
-    table = store.read_parquet(f"{emb_dir}/embeddings.parquet").sort_by("tile_id")
-    if sg is not None:
-        sg.tiles = _subset(sg.tiles, table["tile_id"].to_numpy(), "")
-    return embeddings_from_table(table)
+def load_embeddings(store: OutputStore, emb_dir: str, sg: SlideGrid) -> np.ndarray:
+    """The stored embeddings (every part) in tile_id order; `sg.tiles` is narrowed to the stored
+    tiles (adaptive mode stores a subset)."""
+    from .engine.parts import read_parts
+    ids, _, emb = read_parts(store, emb_dir)
+    if emb is None:
+        raise ZeusError(f"{emb_dir}: no stored embeddings (run `zeus run` on the slide)")
+    sg.tiles = _subset(sg.tiles, ids, emb_dir)
+    return emb
 
 
-def read_passes(store: OutputStore, emb_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """(tile_ids, embeddings) of every adaptive pass stored in `emb_dir` (pass-NN.parquet)."""
-    tables = [store.read_parquet(p) for p in sorted(store.fs.glob(f"{emb_dir}/pass-*.parquet"))]
-    if not tables:
-        raise RuntimeError(f"{emb_dir}: no adaptive pass is stored")
-    table = pa.concat_tables([t.select(["tile_id", "embedding"]) for t in tables])
-    return table["tile_id"].to_numpy(), embeddings_from_table(table)
-
-
-def _subset(tiles: pa.Table, tile_ids: np.ndarray, sid: str) -> pa.Table:
+def _subset(tiles: pa.Table, tile_ids: np.ndarray, where: str) -> pa.Table:
     """The rows of `tiles` (sorted by tile_id) with the given sorted ids; all must exist."""
     if len(tile_ids) == len(tiles) and np.array_equal(tile_ids, tiles["tile_id"].to_numpy()):
         return tiles
-    pos = np.searchsorted(tiles["tile_id"].to_numpy(), tile_ids)
-    if (pos >= len(tiles)).any() or not np.array_equal(tiles["tile_id"].to_numpy()[np.minimum(pos, len(tiles) - 1)], tile_ids):
-        raise RuntimeError(f"slide {sid!r}: embeddings name tiles that are not in tiles.parquet")
+    known = tiles["tile_id"].to_numpy()
+    pos = np.searchsorted(known, tile_ids)
+    if (pos >= len(known)).any() or not np.array_equal(known[np.minimum(pos, len(known) - 1)], tile_ids):
+        raise ZeusError(f"{where}: embeddings name tiles that are not in tiles.parquet (delete the folder to recompute)")
     return tiles.take(pa.array(pos))
 
 
-def reduce_slide(store: OutputStore, entry: dict, keys: Keys, class_names: list[str], tumour_index: int,
-                 class_matrix: np.ndarray, logit_scale: float, embeddings: np.ndarray | None,
-                 tile_ids: np.ndarray | None, embedding_dtype: str = "float16",
-                 evaluation: dict | None = None, from_passes: bool = False) -> dict:
-    """Write the slide's embedding table (when new: given, or with `from_passes` gathered from the
-    adaptive pass files) and its results; return its result row."""
-    t0 = time.perf_counter()
-    sid = entry["slide_id"]
-    sg = load_slide_grid(store, keys.tiles_dir)
-    if embeddings is None and from_passes:
-        tile_ids, embeddings = read_passes(store, keys.emb_dir)
-    tiles, grid, cell_um, tissue_cells = sg.tiles, sg.grid, sg.cell_um, sg.tissue_cells
-    n_full = len(tiles)
-    if embeddings is not None:
-        order = np.argsort(tile_ids)
-        tile_ids = np.asarray(tile_ids)[order]
-        tiles = _subset(tiles, tile_ids, sid)
-        # Score what is stored (e.g. float16), so a later re-prompt from the store gives the same maps.
-        embeddings = embeddings[order].astype(embedding_dtype).astype(np.float32)
-        store.write_parquet(f"{keys.emb_dir}/embeddings.parquet",
-                            embedding_table(sid, tiles, embeddings, keys, embedding_dtype))
-        store.commit(keys.emb_dir, {"slide_id": sid, "n_tiles": len(tiles), "n_tiles_full": n_full,
-                                    "tiling_key": keys.tiling_key, "model_key": keys.model_key,
-                                    "source": entry.get("source")})
-        sg.tiles = tiles   # adaptive mode: maps average the encoded tiles only
-    else:
-        embeddings = load_embeddings(store, keys.emb_dir, sg)
-        tiles = sg.tiles
-    scores = cosine_scores(embeddings, class_matrix)
-    store.write_parquet(f"{keys.res_dir}/similarities.parquet", similarity_table(sid, tiles, scores, class_names, keys))
-
+def slide_maps(sg: SlideGrid, scores: np.ndarray, logit_scale: float):
+    """(maps (C, H, W), counts, labels, probs): overlap-averaged class maps on the cell grid, the
+    argmax inside tissue (-1 outside or uncovered), softmax probabilities."""
     maps, counts = sg.maps(scores)
-    labels = sg.labels(maps)
-    tumour = labels == tumour_index
-    cell_mm2 = (cell_um / 1000.0) ** 2
-    probs = softmax_maps(maps, logit_scale)
+    return maps, counts, sg.labels(maps), softmax_maps(maps, logit_scale)
 
-    res = keys.res_dir
-    store.write_bytes(f"{res}/mask_{cell_um:.2f}mpp.png", _png((tumour * 255).astype(np.uint8),
-                      mpp=cell_um, cell0=sg.cell0, origin="0,0"))
-    store.write_bytes(f"{res}/labels_{cell_um:.2f}mpp.png", _png((labels + 1).astype(np.uint8),
-                      classes="background," + ",".join(class_names), mpp=cell_um))
-    buf = io.BytesIO()
-    np.savez_compressed(buf, maps=maps, probs=probs, counts=counts, tissue=tissue_cells,
-                        cell_um=cell_um, cell0=sg.cell0,
-                        classes=np.array(class_names))
-    store.write_bytes(f"{res}/maps.npz", buf.getvalue())
+
+def reduce_slide(store: OutputStore, job: dict) -> dict:
+    """One slide's results from its stored embeddings; returns its result row.
+
+    job: entry (manifest row + source), keys (keys.Keys), class_names, tumour_index, class_matrix,
+    logit_scale, evaluation and output (config sections as dicts), postprocess, and
+    embeddings_info (n_tiles, n_tiles_full, passes) when the embedding unit is to be committed."""
+    t0 = time.perf_counter()
+    entry, keys = job["entry"], job["keys"]
+    sid = entry["slide_id"]
+    info = job.get("embeddings_info")
+    if info is not None and store.complete(keys.emb_dir) is None:
+        store.commit(keys.emb_dir, {"slide_id": sid, "tiling_key": keys.tiling_key, "model_key": keys.model_key,
+                                    "source": entry.get("source"), **info})
+    sg = load_slide_grid(store, keys.tiles_dir)
+    n_full = len(sg.tiles)
+    embeddings = load_embeddings(store, keys.emb_dir, sg)
+    tiles, class_names = sg.tiles, job["class_names"]
+    scores = cosine_scores(embeddings, job["class_matrix"])
+    store.write_parquet(f"{keys.res_dir}/similarities.parquet",
+                        similarity_table(sid, tiles, scores, class_names, keys))
+    maps, counts, labels, probs = slide_maps(sg, scores, job["logit_scale"])
+    tumour = labels == job["tumour_index"]
     row = {
         "slide_id": sid, "status": "ok", "error": None, "n_tiles": int(len(tiles)), "n_tiles_full": n_full,
         "dataset": entry.get("dataset"), "center": entry.get("center"),
-        "tissue_area_mm2": float(tissue_cells.sum() * cell_mm2),
-        "tumour_area_mm2": float(tumour.sum() * cell_mm2),
-        "mask_mpp": cell_um, "results_uri": store.uri(res),
+        "tissue_area_mm2": float(sg.tissue_cells.sum() * (sg.cell_um / 1000.0) ** 2),
+        "mask_mpp": sg.cell_um, "results_uri": store.uri(keys.res_dir),
         "model_key": keys.model_key, "prompt_key": keys.prompt_key, "tiling_key": keys.tiling_key,
         "source": entry.get("source"),
     }
-    from . import slide_outputs  # viewer outputs and metrics (#5) kept apart from the core reduce
-    row.update(slide_outputs.write_outputs(store, entry, res, tumour=tumour, tissue=tissue_cells, maps=maps,
-                                           probs=probs, class_names=class_names, tumour_index=tumour_index,
-                                           grid=grid, cell_um=cell_um, tiles_dir=keys.tiles_dir,
-                                           evaluation=evaluation))
+    from . import slide_outputs  # viewer outputs and metrics kept apart from the core reduce
+    row.update(slide_outputs.write_outputs(store, job, sg, maps=maps, counts=counts, labels=labels, probs=probs,
+                                           tumour=tumour))
     row["reduce_seconds"] = round(time.perf_counter() - t0, 4)
-    store.write_json(f"{res}/result.json", row)
-    store.commit(res, row)
+    store.write_json(f"{keys.res_dir}/result.json", row)
+    store.commit(keys.res_dir, row)
     return row

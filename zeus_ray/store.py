@@ -99,10 +99,12 @@ class OutputStore:
         pq.write_table(table, sink, compression="zstd")
         self.write_bytes(path, sink.getvalue().to_pybytes())
 
-    def read_parquet(self, path: str):
+    def read_parquet(self, path: str, columns: list[str] | None = None):
         import pyarrow.parquet as pq
+        if self.local:   # memory-mapped: no copy through a Python file object
+            return pq.read_table(path, columns=columns, memory_map=True)
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f)
+            return pq.read_table(f, columns=columns)
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)

@@ -20,17 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import JobConfig
-from .magnification import LevelChoice, choose_level, resolve_mpp
+from .magnification import LevelChoice, check_tile_budget, check_upsampling, choose_level, resolve_mpp
 from .slide_access import fingerprint, localise, open_slide, slide_read_errors
+from .keys import TILING_VERSION
 from .store import check_slide_id, stable_hash
 from .tiling import TileGrid, make_grid, tile_origins, tile_table
 from .tissue import TissueMask, read_thumbnail, segment_tissue
 
-# Bump when the geometry or segmentation code changes what a tiling key's outputs contain.
-TILING_VERSION = 1
-# The annotated thumbnail aims at this many px on its long side (readable on screen), never
-# coarser than the tissue thumbnail nor finer than level 0.
-DISPLAY_LONG_SIDE = 1600
 
 OK, NO_TISSUE, NO_TILES = "ok", "no_tissue", "no_tiles"
 
@@ -48,7 +44,7 @@ class SlidePlan:
     tiles: pa.Table              # the tiles contract, grid JSON in its schema metadata
     tiling_key: str
     status: str                  # ok, no_tissue (no tissue found), no_tiles (tissue, but no tile reaches the threshold)
-    display: np.ndarray          # RGB thumbnail for the annotated PNG
+    display: np.ndarray          # RGB thumbnail (the tissue thumbnail): the preview outputs are drawn on
     display_mpp: float
     seconds: float
 
@@ -79,37 +75,57 @@ def make_tiling_key(fp: str, mpp0: float, cfg: JobConfig) -> str:
                         "tissue": cfg.tissue.model_dump()})
 
 
-def plan_slide(uri: str, slide_id: str, cfg: JobConfig, mpp_override: float | None = None) -> SlidePlan:
-    """Plan one slide's tiles. Raises SlideError (missing, remote, unsupported, unreadable, no_mpp);
-    a slide without tissue is not an error: status no_tissue and zero tiles."""
+def plan_slide(uri: str, slide_id: str, cfg: JobConfig, mpp_override: float | None = None,
+               command: str = "run") -> SlidePlan:
+    """Plan one slide's tiles. Raises SlideError (missing, remote, unsupported, unreadable, no_mpp,
+    upsampling, too_many_tiles; `command`, "run" or "tiles", picks how a no_mpp message says to give
+    the µm/px); a slide without tissue is not an error: status no_tissue and zero tiles."""
     t0 = time.perf_counter()
     check_slide_id(slide_id)
-    slide = open_slide(uri, slide_id, cfg.cache)
+    opts = cfg.input.storage_options
+    slide = open_slide(uri, slide_id, cfg.cache, opts)
     try:
-        fp = fingerprint(localise(uri, cfg.cache, slide_id))   # a cache hit for remote slides
-        mpp0, source = resolve_mpp(slide, slide_id, mpp_override)
+        fp = fingerprint(localise(uri, cfg.cache, slide_id, opts))   # a cache hit for remote slides
+        mpp0, source = resolve_mpp(slide, slide_id, mpp_override, cfg.input.default_mpp, command)
         target = cfg.tiling.mpp
         choice = choose_level(slide, mpp0, target)
+        check_upsampling(slide_id, choice, source, cfg.tiling.max_upsampling)
         w, h = slide.dimensions
         grid = make_grid(w, h, mpp0, target, cfg.tiling.patch_size, cfg.tiling.stride,
                          choice.level, choice.downsample)
+        # Fail fast on an implausible grid, before any pixel is read (positions bound the tiles).
+        check_tile_budget(slide_id, grid.n_positions, cfg.tiling.max_tiles_per_slide, mpp0, source,
+                          positions=True)
+        # One read: the tissue thumbnail is also the preview the outputs are drawn on (the reduce
+        # reads a finer one for small slides, outside planning).
         with slide_read_errors(slide_id):
             thumb, thumb_mpp = read_thumbnail(slide, mpp0, cfg.tissue.thumbnail_mpp)
-            display_mpp = min(max(max(w, h) * mpp0 / DISPLAY_LONG_SIDE, mpp0), thumb_mpp)
-            display, display_mpp = ((thumb, thumb_mpp) if display_mpp >= thumb_mpp
-                                    else read_thumbnail(slide, mpp0, display_mpp))
     finally:
         slide.close()
     tissue = segment_tissue(thumb, thumb_mpp, cfg.tissue)
     tiles = tile_table(grid, tissue, cfg.tiling.min_tissue_fraction, slide_id)
+    check_tile_budget(slide_id, tiles.num_rows, cfg.tiling.max_tiles_per_slide, mpp0, source)
     status = NO_TISSUE if tissue.empty else (NO_TILES if tiles.num_rows == 0 else OK)
     key = make_tiling_key(fp, mpp0, cfg)
     meta = dict(tiles.schema.metadata)
     meta[b"zeus.tiling_key"] = key.encode()
     tiles = tiles.replace_schema_metadata(meta)
     return SlidePlan(slide_id=slide_id, uri=uri, fingerprint=fp, mpp0=mpp0, mpp_source=source, level=choice,
-                     grid=grid, tissue=tissue, tiles=tiles, tiling_key=key, status=status, display=display,
-                     display_mpp=display_mpp, seconds=time.perf_counter() - t0)
+                     grid=grid, tissue=tissue, tiles=tiles, tiling_key=key, status=status, display=thumb,
+                     display_mpp=thumb_mpp, seconds=time.perf_counter() - t0)
+
+
+def read_preview(uri: str, slide_id: str, cache_cfg, mpp0: float, long_px: int,
+                 min_mpp: float = 0.0, storage_options: dict | None = None) -> tuple[np.ndarray, float]:
+    """An RGB picture of the whole slide with about `long_px` px on its long side, never finer than
+    `min_mpp` µm/px nor level 0 (for previews finer than the tissue thumbnail)."""
+    slide = open_slide(uri, slide_id, cache_cfg, storage_options)
+    try:
+        w, h = slide.dimensions
+        with slide_read_errors(slide_id):
+            return read_thumbnail(slide, mpp0, max(max(w, h) * mpp0 / long_px, min_mpp, mpp0))
+    finally:
+        slide.close()
 
 
 def mpp_label(mpp: float) -> str:
@@ -182,10 +198,11 @@ def draw_thumbnail(plan: SlidePlan) -> np.ndarray:
     return img
 
 
-def write_tiles_outputs(plan: SlidePlan, out_dir: str | Path) -> dict[str, str]:
-    """Write tiles.parquet, tissue_mask_<mpp>mpp.png (0/255, 1 px = <mpp> µm), thumbnail.png and
-    tiles.json into a local folder; each file is written under a temporary name then renamed.
-    Returns {name: path}."""
+def write_tiles_outputs(plan: SlidePlan, out_dir: str | Path, preview: bool = True) -> dict[str, str]:
+    """Write tiles.parquet, tissue_mask_<mpp>mpp.png (0/255, 1 px = <mpp> µm), the plain RGB
+    thumbnail thumbnail_<mpp>mpp.jpg (what viewer outputs are drawn on), tiles.json and, with
+    `preview`, the annotated thumbnail.png; each file is written under a temporary name then
+    renamed. Returns {name: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -200,9 +217,14 @@ def write_tiles_outputs(plan: SlidePlan, out_dir: str | Path) -> dict[str, str]:
     mask_path = out / f"tissue_mask_{mpp_label(plan.tissue.mpp)}mpp.png"
     _atomic_write(mask_path, _png(plan.tissue.mask * np.uint8(255)))
     paths["tissue_mask"] = str(mask_path)
-    thumb_path = out / "thumbnail.png"
-    _atomic_write(thumb_path, _png(draw_thumbnail(plan)))
-    paths["thumbnail"] = str(thumb_path)
+    rgb_path = out / f"thumbnail_{mpp_label(plan.display_mpp)}mpp.jpg"
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(plan.display[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    _atomic_write(rgb_path, buf.tobytes())
+    paths["thumbnail_rgb"] = str(rgb_path)
+    if preview:
+        thumb_path = out / "thumbnail.png"
+        _atomic_write(thumb_path, _png(draw_thumbnail(plan)))
+        paths["thumbnail"] = str(thumb_path)
     summary_path = out / "tiles.json"
     _atomic_write(summary_path, json.dumps(plan.summary(), indent=1).encode())
     paths["summary"] = str(summary_path)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from .rasterise import integral
 from .store import check_slide_id
 
 GRID_METADATA_KEY = b"zeus.grid"
@@ -135,8 +136,7 @@ def tissue_fractions(grid: TileGrid, mask: np.ndarray, mask_mpp: float, rows, co
     covering level-0 [j·s, (j+1)·s), s = mask_mpp / mpp0) over the box area. Outside the mask
     counts as background. Vectorised with a summed-area table."""
     m = np.asarray(mask)
-    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.float64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(m != 0, axis=0, dtype=np.int64), axis=1)
+    sat = integral(m != 0)
     x, y = tile_origins(grid, rows, cols)
     k = grid.mpp0 / mask_mpp  # mask px per level-0 px
     x0, y0 = x * k, y * k

@@ -46,7 +46,7 @@ def reprompt_config(root: str, prompts: str, model_id: str | None, overrides: li
 
 def _run(args) -> int:
     cfg = reprompt_config(args.results, args.prompts, args.model, args.overrides, args.address)
-    from ..pipeline import run_cohort
+    from ..engine.driver import run_cohort
     summary = run_cohort(cfg, progress=not args.no_progress, reprompt=True)
     for row in summary.rows:
         if row["status"] == "failed":

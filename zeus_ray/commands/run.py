@@ -17,7 +17,7 @@ def register(sub) -> None:
 def _run(args) -> int:
     extra = {"ray": {"address": args.address}} if args.address else None
     cfg = load_config(args.config, args.overrides, extra)
-    from ..pipeline import run_cohort
+    from ..engine.driver import run_cohort
     summary = run_cohort(cfg, progress=not args.no_progress)
     for row in summary.rows:
         if row["status"] == "failed":

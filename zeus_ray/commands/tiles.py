@@ -24,6 +24,10 @@ def register(sub) -> None:
     p.set_defaults(handler=_run)
 
 
+# The annotated thumbnail's long side, px (readable on screen).
+PREVIEW_LONG_SIDE = 1600
+
+
 def slide_id_from_uri(uri: str) -> str:
     name = posixpath.basename(uri.rstrip("/").split("?", 1)[0])
     return Path(name).stem if "." in name else name
@@ -31,7 +35,7 @@ def slide_id_from_uri(uri: str) -> str:
 
 def _run(args) -> int:
     from ..store import check_slide_id
-    from ..tiles_stage import NO_TILES, NO_TISSUE, plan_slide, write_tiles_outputs
+    from ..tiles_stage import NO_TILES, NO_TISSUE, plan_slide, read_preview, write_tiles_outputs
 
     if args.magnification is not None and args.target_mpp is not None:
         raise ConfigError("give --magnification or --target-mpp, not both")
@@ -44,8 +48,12 @@ def _run(args) -> int:
     slide_id = check_slide_id(args.slide_id or slide_id_from_uri(args.slide))
 
     t0 = time.perf_counter()
-    plan = plan_slide(args.slide, slide_id, cfg, mpp_override=args.mpp)
+    plan = plan_slide(args.slide, slide_id, cfg, mpp_override=args.mpp, command="tiles")
     out_dir = Path(args.out) / slide_id
+    if plan.status != NO_TISSUE:   # the annotated thumbnail is for reading: draw it on a finer picture
+        rgb, mpp = read_preview(args.slide, slide_id, cfg.cache, plan.mpp0, PREVIEW_LONG_SIDE)
+        if mpp < plan.display_mpp:
+            plan.display, plan.display_mpp = rgb, mpp
     write_tiles_outputs(plan, out_dir)
     g = plan.grid
     line = (f"{slide_id}: level {g.level} ({g.level_mpp:.4g} µm/px; level 0 {plan.mpp0:.4g} µm/px from "

@@ -86,13 +86,37 @@ def _tiny_spec(spec: ModelSpec, image_size: int, embed_dim: int) -> ModelSpec:
                                notes="tiny test variant, random weights")
 
 
+# Where the official CONCH package (github.com/mahmoodlab/CONCH; its MANIFEST.in ships the file)
+# keeps its tokenizer, relative to the `conch` package folder.
+CONCH_TOKENIZER_IN_PACKAGE = ("open_clip_custom", "tokenizers", "conch_byte_level_bpe_uncased.json")
+CONCH_TOKENIZER_HELP = (
+    "CONCH's tokenizer file conch_byte_level_bpe_uncased.json ships with the official CONCH code, not with "
+    "the weights: take conch/" + "/".join(CONCH_TOKENIZER_IN_PACKAGE) + " from https://github.com/mahmoodlab/CONCH "
+    "and give --set model.tokenizer=/path/to/conch_byte_level_bpe_uncased.json, or install that package "
+    "in this environment (git clone https://github.com/mahmoodlab/CONCH.git, then pip install -e CONCH)")
+
+
 def _conch_tokenizer_path(cfg: ModelConfig) -> Path | None:
+    """CONCH's tokenizer file: model.tokenizer, else the one inside the installed official package."""
+    return _conch_tokenizer_lookup(cfg)[0]
+
+
+def _conch_tokenizer_lookup(cfg: ModelConfig) -> tuple[Path | None, str]:
+    """(tokenizer file or None, where it was looked for). The official package is located on
+    sys.path without importing it: none of its code runs."""
     if cfg.tokenizer:
-        return Path(cfg.tokenizer).expanduser()
-    found = importlib.util.find_spec("conch")   # the official package, if the user installed it
-    if found is not None and found.submodule_search_locations:
-        return Path(list(found.submodule_search_locations)[0])
-    return None
+        return Path(cfg.tokenizer).expanduser(), cfg.tokenizer
+    try:
+        found = importlib.util.find_spec("conch")
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        return None, "no `conch` package is installed"
+    tried = [Path(loc).joinpath(*CONCH_TOKENIZER_IN_PACKAGE) for loc in found.submodule_search_locations]
+    for path in tried:
+        if path.is_file():
+            return path, str(path)
+    return None, f"the installed `conch` package has no {tried[0]}"
 
 
 def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
@@ -104,15 +128,14 @@ def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder
     load_conch_weights(model, load_state_dict_file(files["weights"]), source=str(files["weights"]))
     if rt.tiny:
         spec = _tiny_spec(spec, model.config.image_size, model.config.embed_dim)
-    tok_path = _conch_tokenizer_path(cfg)
+    tok_path, tok_where = _conch_tokenizer_lookup(cfg)
     tokenizer: list = []   # loaded on first use: encoding images needs no tokenizer
 
     def text_fn(texts, dev):
         if not tokenizer:
             if tok_path is None:
-                raise WeightsError("model 'conch': no tokenizer: CONCH's BPE file ships with the official "
-                                   "CONCH code, not the weights; give --set model.tokenizer="
-                                   "/path/to/conch_byte_level_bpe_uncased.json (or install the CONCH package)")
+                raise WeightsError(f"model 'conch': no tokenizer to encode prompts ({tok_where}, and "
+                                   f"model.tokenizer is unset). {CONCH_TOKENIZER_HELP}")
             tokenizer.append(ConchTokenizer(tok_path, context_length=model.config.context_length,
                                             expected_pad_id=model.config.pad_id,
                                             vocab_size=model.config.vocab_size))
@@ -233,7 +256,7 @@ def load_encoder(cfg: ModelConfig, *, tiny: bool = False) -> TorchEncoder:
         if cfg.weights:
             raise ConfigError(f"model.id={model_id!r} has built-in random weights; unset model.weights")
         encoder = build_random(model_id, device=device, amp_dtype=amp_dtype, batch_size=rt.batch_size)
-        log.warning("%s: %s", model_id, encoder.spec.notes)
+        log.info("%s: %s", model_id, encoder.spec.notes)   # the job driver warns once
     elif model_id.startswith("open_clip:") and len(model_id) > len("open_clip:"):
         from .clip_models import build_open_clip, open_clip_spec
         target = model_id.removeprefix("open_clip:")

@@ -1,24 +1,27 @@
-"""Boundary-adaptive overlap (issue #7): encode overlapping tiles only where the decision can change.
+"""Which tiles each pass encodes (pure numpy): the selection behind every `zeus run`.
 
-Full overlap encodes every kept position of the stride grid ((patch/stride)² = 16 tiles per tile
-area at 448/112). Overlap only changes the mask near contours and where the class decision is
-close, so this mode encodes in passes:
+`PassState` is one slide's record of what is encoded (the pass of each tile and its class scores);
+`PassState.select()` names the next pass's tiles, `PassState.add()` takes their scores. The pass
+engine (zeus_ray/engine/) drives it for every slide, and benchmarks/bench_adaptive.py drives the
+same two calls with stored scores, so the figures that chose the defaults come from this code.
 
-1. `first_pass`: the kept positions of the non-overlapping grid (stride = patch), plus a few kept
-   tiles for tissue that grid leaves uncovered (positions dropped for low tissue, the last rows).
-2. `next_pass`: every kept, not yet encoded tile that
-   - covers an undecided tissue cell (`undecided_cells`): one no encoded tile covers, one whose
-     margin (best minus second-best overlap-averaged similarity) is below `margin`, or, with
-     `disagreement`, one whose covering encoded tiles disagree on the argmax; or
-   - straddles the current contour (holds two neighbouring tissue cells whose labels differ):
-     overlap moves contours even where both sides are confident;
-   dilated by `dilation` positions. With `coarse_first` (the default), pass 2 takes only those on
-   the grid of every m/2 positions (m = patch // stride; pass 3 every m/4, …, down to every
-   position; a finer grid when none is needed on the coarse one): the contour is first located
-   with half-overlapping tiles, so the fully-overlapping tiles are spent on where it ends up, not
-   on where the first pass put it. One coarse pass per level keeps the pass count low
-   (benchmarks/RESULTS.md). An empty pass ends the loop (each pass adds tiles, so there are at
-   most as many passes as kept positions).
+- `tiling.mode: full` (the paper): one pass, every kept position of the stride grid
+  ((patch/stride)² = 16 tiles per tile area at 448/112).
+- `tiling.mode: adaptive`: overlap only changes the mask near contours and where the class decision
+  is close, so tiles are encoded in passes:
+  1. `first_pass`: the kept positions of the non-overlapping grid (stride = patch), plus a few kept
+     tiles for tissue that grid leaves uncovered (positions dropped for low tissue, the last rows).
+  2. `next_pass`: every kept, not yet encoded tile that
+     - covers an undecided tissue cell (`undecided_cells`): one no encoded tile covers, one whose
+       margin (best minus second-best overlap-averaged similarity) is below `margin`, or, with
+       `disagreement`, one whose covering encoded tiles disagree on the argmax; or
+     - straddles the current contour (holds two neighbouring tissue cells whose labels differ):
+       overlap moves contours even where both sides are confident;
+     dilated by `dilation` positions. With `coarse_first` (the default), pass 2 takes only those on
+     the grid of every m/2 positions (m = patch // stride; pass 3 every m/4, …, down to every
+     position; a finer grid when none is needed on the coarse one): the contour is first located
+     with half-overlapping tiles, so the fully-overlapping tiles are spent on where it ends up.
+     An empty pass ends the loop (each pass adds tiles, so it ends).
 
 Maps average, per cell, the tiles encoded (rasterise.average_maps): wherever every kept tile
 covering a cell was encoded, its value is the paper's Eq. 4 exactly. With margin = inf every
@@ -27,26 +30,21 @@ the tissue, and the mask, equal full overlap's. With a finite margin the mask is
 benchmarks/RESULTS.md measures it against full overlap.
 
 Resume: a pass's selection depends only on the tiles of the earlier passes, so the state records the
-pass each tile was encoded in (`AdaptiveState.passes`). A run cut short inside pass p restarts by
-recomputing pass p's selection from passes < p and encoding only what is missing: the final state
-is the one an uninterrupted run gives (a tile's scores do not depend on other tiles).
-
-Pure numpy (+ OpenCV for the dilation); the pipeline supplies `encode_fn` (e.g. a Ray Data pass).
+pass each tile was encoded in. A run cut short inside pass p restarts by recomputing pass p's
+selection from passes < p and encoding only what is missing: the final state is the one an
+uninterrupted run gives (a tile's scores do not depend on other tiles). New prompts start from every
+stored tile and encode only what their scores newly select.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import cv2
 import numpy as np
 
 from .errors import ConfigError
-from .rasterise import CellGeometry, average_maps, cell_geometry, grid_shape
-
-# encode_fn(positions int64 (N, 2) of (grid_row, grid_col), pass number) -> scores (N, n_classes)
-EncodeFn = Callable[[np.ndarray, int], np.ndarray]
+from .rasterise import CellGeometry, average_maps, box_sums, cell_geometry, grid_shape, integral, window_sum
 
 
 def check_settings(margin: float, dilation: int) -> None:
@@ -106,9 +104,7 @@ def _cover(positions: np.ndarray, shape: tuple[int, int], geom: CellGeometry) ->
     top_left = np.zeros(shape, np.int64)
     rows, cols = np.nonzero(positions)
     top_left[rows * geom.s, cols * geom.s] = 1
-    c = np.pad(np.cumsum(np.cumsum(top_left, axis=0), axis=1), ((geom.k, 0), (geom.k, 0)))
-    k = geom.k
-    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) > 0
+    return window_sum(top_left, geom.k) > 0
 
 
 def cell_maps(encoded, scores, patch_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,12 +168,9 @@ def undecided_cells(encoded, scores, tissue_cells, patch_size: int, stride: int,
 def _positions_holding(cells: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry,
                        height: int, width: int) -> np.ndarray:
     """(R, C): whether the height × width cell box at each position's top-left holds a True cell."""
-    sat = np.zeros((cells.shape[0] + 1, cells.shape[1] + 1), np.int64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(cells, axis=0, dtype=np.int64), axis=1)
     r0, c0 = np.arange(n_rows) * geom.s, np.arange(n_cols) * geom.s
     r1, c1 = np.minimum(r0 + height, cells.shape[0]), np.minimum(c0 + width, cells.shape[1])
-    box = sat[np.ix_(r1, c1)] - sat[np.ix_(r0, c1)] - sat[np.ix_(r1, c0)] + sat[np.ix_(r0, c0)]
-    return box > 0
+    return box_sums(integral(cells, np.int64), r0, r1, c0, c1) > 0
 
 
 def _straddling(labels: np.ndarray, n_rows: int, n_cols: int, geom: CellGeometry) -> np.ndarray:
@@ -237,13 +230,40 @@ def next_pass(kept, encoded, scores, tissue_cells, patch_size: int, stride: int,
     return _coarsest(need, step)
 
 
-@dataclass
-class AdaptiveState:
-    """What a run has encoded: `passes` int16 (R, C), 0 = not encoded, p = encoded in pass p (1 is
-    the first pass); `scores` float64 (R, C, n_classes), NaN where not encoded. Persist both (e.g.
-    a pass column beside each tile's scores) to resume; `from_records` rebuilds it."""
-    passes: np.ndarray
-    scores: np.ndarray
+@dataclass(frozen=True)
+class Selection:
+    """The settings that decide which tiles are encoded (all are part of the tiling key)."""
+    mode: str = "full"                  # "full" or "adaptive"
+    patch_size: int = 448
+    stride: int = 112
+    margin: float = 0.0
+    dilation: int = 0
+    disagreement: bool = False
+    coarse_first: bool = True
+
+    @classmethod
+    def from_tiling(cls, t) -> "Selection":
+        """From a config.TilingConfig."""
+        return cls(t.mode, t.patch_size, t.stride, t.adaptive_margin, t.adaptive_dilation,
+                   t.adaptive_disagreement, t.adaptive_coarse_first)
+
+
+class PassState:
+    """One slide's encoded tiles: `passes` int16 (R, C), 0 = not encoded, p = encoded in pass p;
+    `scores` float64 (R, C, n_classes), NaN where not encoded (adaptive mode only: full overlap
+    needs no scores to select)."""
+
+    def __init__(self, kept, tissue_cells, sel: Selection, n_classes: int):
+        self.kept = _bool_grid(kept, "kept")
+        self.sel = sel
+        if sel.mode not in ("full", "adaptive"):
+            raise ConfigError(f"tiling.mode={sel.mode!r}: use full or adaptive")
+        if sel.mode == "adaptive":
+            check_settings(sel.margin, sel.dilation)
+            shape = grid_shape(*self.kept.shape, cell_geometry(sel.patch_size, sel.stride))
+            self.tissue = _bool_grid(tissue_cells, "tissue_cells", shape)
+        self.passes = np.zeros(self.kept.shape, np.int16)
+        self.scores = np.full((*self.kept.shape, n_classes), np.nan)
 
     @property
     def encoded(self) -> np.ndarray:
@@ -257,99 +277,49 @@ class AdaptiveState:
     def n_passes(self) -> int:
         return int(self.passes.max(initial=0))
 
-    @property
-    def pass_counts(self) -> list[int]:
-        """Tiles encoded in each pass, pass 1 first."""
-        return np.bincount(self.passes.ravel(), minlength=self.n_passes + 1)[1:].tolist()
+    def add(self, rows, cols, pass_no, scores=None) -> None:
+        """Record tiles (grid rows, cols) as encoded in pass `pass_no` (one for all, or one each),
+        with their class scores (N, n_classes) when selection needs them."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        if len(rows) and not self.kept[rows, cols].all():
+            raise ValueError("a stored tile is not a kept position of this slide's grid")
+        self.passes[rows, cols] = pass_no
+        if scores is not None:
+            self.scores[rows, cols] = np.asarray(scores, np.float64).reshape(len(rows), -1)
 
-    def records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(grid_rows, grid_cols, passes, scores (N, n_classes)) of the encoded positions, row-major."""
-        rows, cols = np.nonzero(self.passes)
-        return rows, cols, self.passes[rows, cols], self.scores[rows, cols]
-
-    @classmethod
-    def from_records(cls, n_rows: int, n_cols: int, grid_rows, grid_cols, passes, scores) -> "AdaptiveState":
-        """Rebuild a (possibly partial) state from stored rows, e.g. after a crash."""
-        rows, cols = np.asarray(grid_rows, np.int64), np.asarray(grid_cols, np.int64)
-        passes, scores = np.asarray(passes), np.asarray(scores, np.float64)
-        scores = scores.reshape(len(scores), -1) if scores.size else np.zeros((len(rows), 0))
-        if not (len(rows) == len(cols) == len(passes) == len(scores)):
-            raise ValueError("grid_rows, grid_cols, passes and scores must have one entry per tile")
-        if len(rows) and (rows.min() < 0 or cols.min() < 0 or rows.max() >= n_rows or cols.max() >= n_cols
-                          or passes.min() < 1):
-            raise ValueError("a stored tile lies outside the grid or has a pass number < 1")
-        state = cls(np.zeros((n_rows, n_cols), np.int16), np.full((n_rows, n_cols, scores.shape[1]), np.nan))
-        state.passes[rows, cols] = passes
-        state.scores[rows, cols] = scores
-        return state
-
-
-def _encode(state: AdaptiveState | None, todo: np.ndarray, p: int, encode_fn: EncodeFn) -> AdaptiveState:
-    rows, cols = np.nonzero(todo)
-    out = np.asarray(encode_fn(np.stack([rows, cols], axis=1).astype(np.int64), p), dtype=np.float64)
-    if out.ndim != 2 or len(out) != len(rows) or not np.isfinite(out).all():
-        raise ValueError(f"encode_fn must return finite scores (N, n_classes) for its N = {len(rows)} "
-                         f"positions, got shape {out.shape}")
-    if state is None or state.n_encoded == 0:
-        state = AdaptiveState(np.zeros(todo.shape, np.int16), np.full((*todo.shape, out.shape[1]), np.nan))
-    elif out.shape[1] != state.scores.shape[2]:
-        raise ValueError(f"encode_fn returned {out.shape[1]} classes, the state holds {state.scores.shape[2]}")
-    state.passes[rows, cols] = p
-    state.scores[rows, cols] = out
-    return state
-
-
-def run_adaptive(kept, tissue_cells, encode_fn: EncodeFn, patch_size: int, stride: int, *,
-                 margin: float, dilation: int, disagreement: bool = False, coarse_first: bool = True,
-                 state: AdaptiveState | None = None, max_passes: int | None = None) -> AdaptiveState:
-    """Encode passes until none is needed (or `max_passes` passes exist); return the state.
-
-    encode_fn(positions int64 (N, 2) of (grid_row, grid_col), pass number) returns the class
-    scores (N, n_classes) of those tiles; it is called once per non-empty pass. `state`, from a
-    run that stopped (even inside a pass), is continued: its last pass is completed, then the loop
-    goes on, to the state an uninterrupted run reaches. Raises ConfigError when the state's last pass
-    holds tiles these settings would not select (it was made with another margin, dilation,
-    disagreement, coarse_first, tissue or kept set; a mismatch that selects a superset goes unnoticed)."""
-    check_settings(margin, dilation)
-    kept = _bool_grid(kept, "kept")
-    geom = cell_geometry(patch_size, stride)
-    _bool_grid(tissue_cells, "tissue_cells", grid_shape(*kept.shape, geom))
-    if max_passes is not None and max_passes < 1:
-        raise ConfigError(f"adaptive max_passes {max_passes!r}: must be ≥ 1 (or unset)")
-
-    def select(p: int, before: np.ndarray) -> np.ndarray:   # pass p's selection, from passes < p
+    def _pass(self, p: int, before: np.ndarray) -> np.ndarray:
+        """Pass p's full selection, from the tiles encoded in `before` (passes < p)."""
+        s = self.sel
         if p == 1:
-            return first_pass(kept, patch_size, stride, tissue_cells)
-        return next_pass(kept, before, state.scores, tissue_cells, patch_size, stride,
-                         margin=margin, dilation=dilation, disagreement=disagreement,
-                         step=pass_step(p, patch_size, stride, coarse_first))
+            return self.kept.copy() if s.mode == "full" else first_pass(self.kept, s.patch_size, s.stride,
+                                                                          self.tissue)
+        if s.mode == "full":
+            return np.zeros_like(self.kept)
+        return next_pass(self.kept, before, self.scores, self.tissue, s.patch_size, s.stride, margin=s.margin,
+                         dilation=s.dilation, disagreement=s.disagreement,
+                         step=pass_step(p, s.patch_size, s.stride, s.coarse_first))
 
-    if state is None or state.n_encoded == 0:
-        state, p = None, 1
-        todo = first_pass(kept, patch_size, stride, tissue_cells)
-    else:
-        if state.passes.shape != kept.shape or state.scores.shape[:2] != kept.shape:
-            raise ValueError(f"state is for a {state.passes.shape} grid, kept is {kept.shape}")
-        state = AdaptiveState(state.passes.copy(), state.scores.copy())
-        p = state.n_passes
-        sel = select(p, (state.passes > 0) & (state.passes < p))
-        done = state.passes == p
-        if (state.encoded & ~kept).any() or (done & ~sel).any():
-            raise ConfigError(f"adaptive resume: the stored tiles of pass {p} are not what these settings "
-                              f"select (margin={margin}, dilation={dilation}, disagreement={disagreement}, "
-                              f"coarse_first={coarse_first}); "
-                              f"re-run with the settings that made them, or delete the slide's stored tiles "
-                              f"to start over")
-        todo = sel & ~done
-    while True:
+    def select(self) -> tuple[int, np.ndarray]:
+        """(pass number, positions (R, C) to encode in it); an empty selection means converged.
+        The last stored pass is completed first (resume, or new prompts that select more there)."""
+        p = self.n_passes
+        if p == 0:
+            return 1, self._pass(1, self.encoded)
+        todo = self._pass(p, (self.passes > 0) & (self.passes < p)) & ~self.encoded
         if todo.any():
-            state = _encode(state, todo, p, encode_fn)
-        if state is None:   # an empty first pass: no kept tile covers tissue
-            state = AdaptiveState(np.zeros(kept.shape, np.int16), np.zeros((*kept.shape, 0)))
-        if max_passes is not None and p >= max_passes:
-            break
-        todo = select(p + 1, state.encoded)
-        if not todo.any():
-            break
-        p += 1
-    return state
+            return p, todo
+        return p + 1, self._pass(p + 1, self.encoded) & ~self.encoded
+
+
+def converge(state: PassState, scores_of, max_passes: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """What the pass engine does for one slide, synchronously: encode each selected pass with
+    `scores_of(rows, cols, pass_no) -> (N, n_classes)` until nothing is selected (or `max_passes`).
+    For tests and for benchmarks that replay stored scores. Returns [(pass, positions (N, 2))]."""
+    log = []
+    while True:
+        p, todo = state.select()
+        if not todo.any() or (max_passes is not None and p > max_passes):
+            return log
+        rows, cols = np.nonzero(todo)
+        state.add(rows, cols, p, scores_of(rows, cols, p))
+        log.append((p, np.stack([rows, cols], axis=1)))

@@ -1,0 +1,180 @@
+"""The cohort job's driver (`zeus run`, `zeus reprompt`): what each slide needs, the worker pool,
+the pass engine, the cohort tables.
+
+Follow one tile from manifest to mask:
+  manifest.load_cohort → here: keys (keys.py) and what is already stored per slide
+  → engine/passes.py: plan the slide (engine/work.plan_work → tiles_stage.plan_slide), select the
+    pass's tiles (selection.PassState), group them in regions and chunks (region_reader.plan_regions)
+  → engine/pool.py worker: read the regions, encode, write the chunk's part (engine/parts.py)
+  → when the slide needs no more passes: its reduce (slide_reduce.reduce_slide: similarities,
+    overlap-averaged maps (rasterise.py), argmax, mask, viewer outputs, metrics)
+  → cohort.py: slides/errors tables, Table 1/2, report.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..errors import ZeusError
+from ..keys import FAILED, NO_TISSUE, OK, run_key, slide_keys, source_identity, tiling_key
+from ..manifest import load_cohort
+from ..prompts import load_prompt_set, prompt_key as make_prompt_key
+from ..store import OutputStore
+from .cluster import PoolPlan, init_ray, pool_plan
+from .passes import PassEngine, status_row
+from .pool import Pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    no_tissue: int = 0
+    tiles_encoded: int = 0
+    seconds: float = 0.0
+    rows: list = field(default_factory=list)
+    root: str = ""
+    prompt_key: str = ""
+    read_nodes: set = field(default_factory=set)     # Ray node ids that read tiles
+    encode_nodes: set = field(default_factory=set)   # and that encoded them
+    tiles_full: int = 0       # adaptive mode: tiles full overlap would have encoded for these slides
+    tiles_stored: int = 0     # adaptive mode: tiles encoded so far for these slides (this run and before)
+    pass_tiles: dict = field(default_factory=dict)   # pass → tiles encoded in it this run
+    timing: dict = field(default_factory=dict)       # stage → [wall s, CPU s] summed over workers
+    pool: str = ""
+
+    @property
+    def passes(self) -> int:
+        return max(self.pass_tiles, default=0)
+
+    def line(self) -> str:
+        rate = self.tiles_encoded / self.seconds if self.seconds else 0.0
+        adaptive = (f"; adaptive overlap: {self.tiles_stored} of {self.tiles_full} full-overlap tiles encoded "
+                    f"({100 * self.tiles_stored / self.tiles_full:.1f} %) in {self.passes} passes this run"
+                    if self.tiles_full else "")
+        return (f"zeus run: {self.ok} slides ok ({self.skipped} already complete), {self.no_tissue} without tissue, "
+                f"{self.failed} failed; {self.tiles_encoded} tiles encoded in {self.seconds:.1f} s "
+                f"({rate:.1f} tiles/s){adaptive}; results in {self.root}")
+
+
+def run_cohort(cfg, *, progress: bool = True, reprompt: bool = False) -> RunSummary:
+    """Segment the cohort. With `reprompt` in full-overlap mode, only stored embeddings are used: no
+    slide is opened and no image encoded; a slide without stored embeddings for this tiling and
+    model is reported as failed with a hint to run `zeus run` first."""
+    import ray
+
+    t0 = time.perf_counter()
+    cfg = absolute_paths(cfg)
+    entries = load_cohort(cfg.input)
+    prompt_set = load_prompt_set(cfg.prompts.file)
+    store = OutputStore(cfg.output.root)
+    started = init_ray(cfg)
+    try:
+        return _run(cfg, entries, prompt_set, store, t0, progress, reprompt)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _text(pool: Pool, prompt_set) -> tuple:
+    import ray
+    try:
+        return ray.get(pool.text(prompt_set))
+    except Exception as e:  # noqa: BLE001 - the encoder could not be built (weights, tokenizer, device)
+        raise ZeusError(_actor_error(e)) from None
+
+
+def _actor_error(e: BaseException) -> str:
+    """The one line that matters of an error raised while building the encoder in a worker."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, ZeusError):
+        return str(cause)
+    text = str(e)
+    for line in reversed(text.splitlines()):   # Ray's text ends with the worker's exception line
+        if "Error:" in line or "Error(" in line:
+            return f"cannot build the encoder {line.strip()}"
+    return f"cannot build the encoder: {type(e).__name__}"
+
+
+def _run(cfg, entries, prompt_set, store, t0, progress, reprompt) -> RunSummary:
+    stored_only = reprompt and cfg.tiling.mode == "full"
+    plan = PoolPlan(False, 0, 0, 0, 1, 1, n_readers=_cpus()) if stored_only else pool_plan(cfg)
+    pool = Pool(plan, cfg, store.root_uri)
+    try:
+        if progress and plan.n_workers:
+            log.info("worker pool: %s", plan.describe())
+        if cfg.model.id.startswith("random:"):   # (not imported from random_model: that pulls torch in)
+            log.warning("model %s: random weights, masks carry no meaning", cfg.model.id)
+        class_matrix, model_key, logit_scale = _text(pool, prompt_set)
+        pkey = run_key(make_prompt_key(prompt_set, model_key), cfg)
+        tkey = tiling_key(cfg)
+        summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=plan.describe())
+        keys_of = {e.slide_id: slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey) for e in entries}
+        opts = getattr(cfg.input, "storage_options", None)
+        with ThreadPoolExecutor(16) as ex:   # bucket stats overlap
+            sources = dict(zip(keys_of, ex.map(lambda e: None if stored_only else source_identity(e.uri, opts),
+                                               entries)))
+            marks = list(ex.map(lambda e: (store.complete(keys_of[e.slide_id].res_dir),
+                                           store.complete(keys_of[e.slide_id].emb_dir)), entries))
+        to_plan, to_reduce = [], []
+        for e, (done, emb_done) in zip(entries, marks):
+            if stored_only:   # reuse the source identity recorded with the embeddings
+                sources[e.slide_id] = (emb_done or {}).get("source")
+            src = sources[e.slide_id]
+            if done is not None and done.get("source") == src:
+                summary.rows.append(done)
+                summary.skipped += 1
+            elif cfg.tiling.mode == "adaptive":   # new prompts may need new tiles: the engine decides
+                to_plan.append(e)
+            elif emb_done is not None and emb_done.get("source") == src:
+                to_reduce.append(e)
+            elif reprompt:
+                summary.rows.append(status_row(e, FAILED, f"slide {e.slide_id!r}: no stored embeddings for this "
+                                                          f"tiling and model ({model_key}); run `zeus run` on it first",
+                                               "no_embeddings"))
+            else:
+                to_plan.append(e)
+        log.info("%d slides: %d complete, %d to reduce from stored embeddings, %d to read and encode",
+                 len(entries), summary.skipped, len(to_reduce), len(to_plan))
+        prompts = {"class_matrix": class_matrix, "class_names": prompt_set.class_names,
+                   "tumour_index": prompt_set.tumour_index, "logit_scale": logit_scale}
+        engine = PassEngine(cfg, pool, prompts, keys_of, sources, summary.rows.append, progress)
+        stats = engine.run(to_plan, to_reduce)
+    finally:
+        pool.shutdown()
+    for k in ("tiles_encoded", "tiles_full", "tiles_stored", "pass_tiles", "timing", "read_nodes", "encode_nodes"):
+        setattr(summary, k, getattr(stats, k))
+    summary.read_nodes.discard(None)
+    summary.ok = sum(1 for r in summary.rows if r["status"] == OK)
+    summary.failed = sum(1 for r in summary.rows if r["status"] == FAILED)
+    summary.no_tissue = sum(1 for r in summary.rows if r["status"] == NO_TISSUE)
+    summary.seconds = time.perf_counter() - t0
+    from ..cohort import write_cohort_outputs
+    write_cohort_outputs(store, summary, cfg, prompt_set)
+    return summary
+
+
+def _cpus() -> int:
+    import ray
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def absolute_paths(cfg):
+    """Local relative paths made absolute, so the config stored with the results (run.json) still
+    works for `zeus evaluate` / `zeus reprompt` from another directory."""
+    from ..prompts import resolve_prompt_path
+    cfg = cfg.model_copy(deep=True)
+    for section, key in (("input", "manifest"), ("output", "root"), ("cache", "dir")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and "://" not in value:
+            setattr(obj, key, os.path.abspath(os.path.expanduser(value)))
+    if "://" not in cfg.prompts.file:
+        cfg.prompts.file = os.path.abspath(resolve_prompt_path(cfg.prompts.file))
+    return cfg

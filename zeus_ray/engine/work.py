@@ -1,0 +1,198 @@
+"""What workers do for one slide (run inside Ray actors or tasks; no Ray calls here): plan its tiles,
+read regions, encode a chunk and write its part, reduce. Each returns a small record for the driver
+(engine/passes.py): counts, positions, class scores in adaptive mode, where outputs are — never
+embeddings or pixels. Timings are per stage: wall seconds and the process's CPU seconds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from ..errors import ZeusError
+from ..keys import FAILED, NO_TISSUE, OK
+from ..store import OutputStore
+from .parts import part_name, part_table, read_parts
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def timed(timings: dict, stage: str):
+    """Add the block's wall and CPU seconds to timings[stage] = [wall, cpu]."""
+    w, c = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        acc = timings.setdefault(stage, [0.0, 0.0])
+        acc[0] += time.perf_counter() - w
+        acc[1] += time.process_time() - c
+
+
+def node_id() -> str:
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (unit use)
+        return "local"
+
+
+def failure(sid: str, e: BaseException) -> dict:
+    """The failed record's fields: one line naming the slide (a ZeusError's own message, else the
+    exception's type and text) and the reason (SlideError.reason, else the exception's type)."""
+    if isinstance(e, ZeusError):
+        return {"status": FAILED, "message": str(e).splitlines()[0], "reason": getattr(e, "reason", "error")}
+    log.exception("slide %s failed", sid)
+    text = str(e).splitlines()[0] if str(e) else ""
+    return {"status": FAILED, "message": f"slide {sid!r}: {type(e).__name__}: {text}".rstrip(": "),
+            "reason": type(e).__name__}
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+def ensure_tiles(store: OutputStore, entry: dict, cfg, tiles_dir: str, source):
+    """The slide's tiles table, grid, status and tissue mask (array, µm/px): a complete tiles folder
+    of the same slide file is reused, otherwise the slide is planned and its tiles unit committed."""
+    from ..slide_reduce import load_tissue_mask
+    from ..tiles_stage import plan_slide, write_tiles_outputs
+    from ..tiling import GRID_METADATA_KEY, TileGrid
+
+    sid = entry["slide_id"]
+    done = store.complete(tiles_dir)
+    if done is not None and done.get("source") == source:
+        tiles = store.read_parquet(f"{tiles_dir}/tiles.parquet")
+        mask, mask_mpp = load_tissue_mask(store, tiles_dir)
+        return tiles, TileGrid.from_json(tiles.schema.metadata[GRID_METADATA_KEY]), done["status"], mask, mask_mpp
+    plan = plan_slide(entry["uri"], sid, cfg, mpp_override=entry.get("mpp"))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiles_outputs(plan, tmp, preview=cfg.output.tiling_preview)
+        store.upload_dir(tmp, tiles_dir)
+    store.commit(tiles_dir, {"slide_id": sid, "tiling_key": plan.tiling_key, "status": plan.status,
+                             "n_tiles": plan.n_tiles, "source": source})
+    return plan.tiles, plan.grid, plan.status, plan.tissue.mask, plan.tissue.mpp
+
+
+def no_tiles_message(sid: str, status: str) -> str:
+    why = "no tissue found" if status == "no_tissue" else "tissue found, but no tile reaches tiling.min_tissue_fraction"
+    return f"slide {sid!r}: {why} (zero tiles)"
+
+
+def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> dict:
+    """Plan (or reuse) one slide's tiles and say what is stored: the tile positions, the tissue cells
+    (adaptive mode), and the stored parts' tile ids and passes (+ class scores in adaptive mode, which
+    needs them to select; `class_matrix` is None in full mode)."""
+    from ..rasterise import cell_geometry, grid_shape, resample_mask_to_grid
+    sid = entry["slide_id"]
+    t: dict = {}
+    rec = {"slide_id": sid, "timing": t, "node": node_id()}
+    try:
+        store = OutputStore(store_root)
+        with timed(t, "plan"):
+            tiles, grid, status, mask, mask_mpp = ensure_tiles(store, entry, cfg, keys.tiles_dir, source)
+        if tiles.num_rows == 0:
+            return rec | {"status": NO_TISSUE, "message": no_tiles_message(sid, status), "reason": status}
+        tiles = tiles.sort_by("tile_id")
+        rec |= {"status": OK, "grid": grid.to_json(), "tile_ids": tiles["tile_id"].to_numpy(),
+                "rows": tiles["grid_row"].to_numpy(), "cols": tiles["grid_col"].to_numpy(), "tissue": None}
+        with timed(t, "resume"):
+            ids, passes, emb = read_parts(store, keys.emb_dir, with_embeddings=class_matrix is not None)
+        rec |= {"stored_ids": ids, "stored_passes": passes, "stored_scores": None}
+        if class_matrix is not None:   # adaptive: selection needs the tissue cells and the stored scores
+            geom = cell_geometry(grid.patch_size, grid.stride)
+            rec["tissue"] = resample_mask_to_grid(mask, mask_mpp, grid_shape(grid.n_rows, grid.n_cols, geom),
+                                                  geom.cell * grid.target_mpp)
+            if emb is not None:
+                from ..slide_reduce import cosine_scores
+                rec["stored_scores"] = cosine_scores(emb, class_matrix)
+        return rec
+    except Exception as e:  # noqa: BLE001 - one bad slide never stops the cohort
+        return rec | failure(sid, e)
+
+
+# --- read and encode -----------------------------------------------------------------------------
+
+_HANDLES: dict = {}
+
+
+def read_regions(job: dict, cache_cfg, storage_options=None) -> tuple[np.ndarray, np.ndarray]:
+    """(tile_ids, uint8 tiles (N, P, P, 3)) of the job's regions, each region decoded once.
+    Slide handles are cached per worker (bounded)."""
+    from ..region_reader import read_region_tiles
+    from ..slide_access import open_slide
+    uri, sid = job["uri"], job["slide_id"]
+    slide = _HANDLES.pop(uri, None)
+    if slide is None:
+        if len(_HANDLES) >= 16:
+            _HANDLES.pop(next(iter(_HANDLES))).close()
+        slide = open_slide(uri, sid, cache_cfg, storage_options)
+    _HANDLES[uri] = slide   # most recently used last
+    parts = [read_region_tiles(slide, job["grid"], r) for r in job["regions"]]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def encode_work(encoder, store: OutputStore, job: dict, tiles=None, cache_cfg=None, storage_options=None) -> dict:
+    """Encode one chunk (its regions read here unless `tiles` = (ids, images) are given), write its
+    part, return the record: tile count, the part, and in adaptive mode (job["class_matrix"]) the
+    chunk's tile ids and class scores for the next selection."""
+    from ..slide_reduce import cosine_scores
+    sid = job["slide_id"]
+    t: dict = {}
+    rec = {"slide_id": sid, "pass": job["pass"], "timing": t, "encode_node": node_id()}
+    try:
+        if tiles is None:
+            with timed(t, "read"):
+                ids, images = read_regions(job, cache_cfg, storage_options)
+            rec["read_node"] = rec["encode_node"]
+        else:
+            ids, images = tiles
+            rec["read_node"] = job.get("read_node")
+        with timed(t, "encode"):
+            emb = encoder.encode_images(images)
+        del images
+        with timed(t, "write"):
+            order = np.argsort(ids)
+            ids = ids[order]
+            # What is stored is what is scored, so a re-prompt from the store gives the same maps.
+            emb = emb[order].astype(job["dtype"]).astype(np.float32)
+            path = f"{job['emb_dir']}/{part_name(job['pass'], ids[0])}"
+            store.write_parquet(path, part_table(sid, ids, job["n_cols"], job["pass"], emb, job["tiling_key"],
+                                                 job["model_key"], job["dtype"]))
+        rec |= {"status": OK, "n": len(ids), "part": path, "tile_ids": ids}
+        if job.get("class_matrix") is not None:
+            rec["scores"] = cosine_scores(emb, job["class_matrix"])
+        return rec
+    except Exception as e:  # noqa: BLE001 - this slide fails, the cohort goes on
+        return rec | failure(sid, e) | {"n": 0}
+
+
+# --- reduce --------------------------------------------------------------------------------------
+
+def reduce_work(store_root: str, job: dict) -> dict:
+    """The slide's reduce (slide_reduce.reduce_slide) from its stored parts; a failure becomes the
+    slide's failed row."""
+    from ..slide_reduce import reduce_slide
+    sid = job["entry"]["slide_id"]
+    t: dict = {}
+    try:
+        with timed(t, "reduce"):
+            row = reduce_slide(OutputStore(store_root), job)
+        return row | {"timing": t}
+    except Exception as e:  # noqa: BLE001
+        return {"slide_id": sid, "timing": t} | failure(sid, e)
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads of torch and OpenCV in a worker (Ray sets OMP_NUM_THREADS from num_cpus)."""
+    import cv2
+    n = max(1, int(n))
+    cv2.setNumThreads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
