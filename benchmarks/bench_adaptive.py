@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from _adaptive_slides import WORK, scale_cohort, slide_entries, write_cohort  # noqa: E402
 from _results import machine, replace_section  # noqa: E402
 
-from zeus_ray.adaptive import cell_maps, run_adaptive  # noqa: E402
+from zeus_ray.selection import PassState, Selection, cell_maps, converge  # noqa: E402
 from zeus_ray.config import JobConfig, ModelConfig  # noqa: E402
 from zeus_ray.rasterise import argmax_mask, cell_geometry, grid_shape, resample_mask_to_grid  # noqa: E402
 
@@ -104,9 +104,10 @@ def simulate(slide: dict, tumour: int, margin: float, dilation: int, disagreemen
     """Adaptive run revealing the cached scores; compared with full overlap on the tissue cells."""
     g = slide["plan"].grid
     scores, full = slide["grid_scores"], slide["full"]
-    state = run_adaptive(slide["kept"], slide["tissue"], lambda pos, _p: scores[pos[:, 0], pos[:, 1]],
-                         g.patch_size, g.stride, margin=margin, dilation=dilation, disagreement=disagreement,
-                         coarse_first=coarse_first)
+    # The selection `zeus run` executes (selection.PassState), the cached scores standing in for the encoder.
+    state = PassState(slide["kept"], slide["tissue"], Selection("adaptive", g.patch_size, g.stride, margin, dilation,
+                                                                 disagreement, coarse_first), scores.shape[2])
+    converge(state, lambda r, c, _p: scores[r, c])
     ada = labels_of(state.encoded, state.scores, slide["tissue"], g.patch_size, g.stride)
     inside = full >= 0
     return {"dice": dice(ada == tumour, full == tumour),
@@ -114,7 +115,7 @@ def simulate(slide: dict, tumour: int, margin: float, dilation: int, disagreemen
             "mismatch": float((ada != full)[inside].mean()) if inside.any() else 0.0,
             "cells_differing": int((ada != full)[inside].sum()),
             "encoded": state.n_encoded, "full": int(slide["kept"].sum()), "passes": state.n_passes,
-            "counts": state.pass_counts}
+            "counts": np.bincount(state.passes.ravel(), minlength=state.n_passes + 1)[1:].tolist()}
 
 
 def parse_floats(text: str) -> list[float]:
@@ -185,7 +186,7 @@ def write_report(args, slides, grid, summ, best, prompts, tumour, seconds, scale
     names = [s["entry"]["slide_id"] for s in slides]
     enc_s = [s["seconds"] for s in slides]
     lines = [SECTION, "",
-             "Adaptive mode (`zeus_ray/adaptive.py`) against full overlap, same slides, same encoder. Every kept "
+             "Adaptive mode (`zeus_ray/selection.py`, the selection `zeus run` executes) against full overlap, same slides, same encoder. Every kept "
              "tile is encoded once (full overlap); the adaptive mode is simulated by revealing those scores only "
              "for the positions it asks for (exact: a tile's embedding does not depend on other tiles).", "",
              f"- Command: `cd /work/main && .venv/bin/python benchmarks/bench_adaptive.py "
@@ -291,9 +292,8 @@ def write_report(args, slides, grid, summ, best, prompts, tumour, seconds, scale
                    f"{1 / plain['frac']:.2f}× fewer than full overlap), min Dice {min(v['min'], v['min_other']):.4f} "
                    f"against {min(plain['min'], plain['min_other']):.4f}; it takes up to {v['passes']} passes "
                    f"against {plain['passes']}." if plain else "- Coarse first: not compared in this run."),
-                  "- Each pass is one encoding job in the pipeline over a wave of slides (`ray.adaptive_wave`, 256 "
-                  "by default), so the per-pass start-up is paid once per pass and wave, not per slide; the last "
-                  "passes can be tiny. `run_adaptive(max_passes=...)` caps them.",
+                  "- In the pipeline a slide's next pass is selected as soon as its own pass is in, while the "
+                  "long-lived encoder pool works on other slides (no per-pass job start-up).",
                   "- Time: the encoder takes over 98 % of the per-tile time (issue #7), so the adaptive mode's "
                   "encoding time is about the encoded fraction of full overlap's; it reads regions once per pass. "
                   "The simulation encodes nothing: end-to-end times are in the section `Full against adaptive "

@@ -141,7 +141,7 @@ def zeus(manifest: Path, out: Path, *sets: str) -> dict:
     return {"tiles": summary.tiles_encoded, "wall": wall, "slides": summary.ok, "pss": s.peak_pss,
             "driver_rss": s.peak_rss, "bytes": du(out / "slides"), "timing": summary.timing,
             "pool": summary.pool, "report_bytes": next(out.glob("cohort/*/report.html")).stat().st_size,
-            "cohort_seconds": run.get("cohort_seconds", {})}
+            "cohort_seconds": run.get("cohort_seconds", {}), "phases": run.get("driver_seconds", {})}
 
 
 def stage_table(z: dict) -> list[str]:
@@ -151,8 +151,9 @@ def stage_table(z: dict) -> list[str]:
     return rows
 
 
-def run_cohort_pair(name: str, repeat: int) -> list[str]:
+def run_cohort_pair(name: str, repeat: int, limit: int | None = None) -> list[str]:
     n, w, h, folder = COHORTS[name]
+    n = min(n, limit or n)
     paths = make_overhead_cohort(n, w, h, folder)
     rows = [(p.stem, str(p)) for p in paths]
     procs = os.cpu_count()
@@ -175,7 +176,8 @@ def run_cohort_pair(name: str, repeat: int) -> list[str]:
             "| run | tiles | plain pool | zeus run | ratio | zeus peak PSS (all processes) | written per slide | "
             "driver peak RSS |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     return head + lines + ["", f"zeus run's stages (run {repeat}), from the workers' own clocks:", ""] + \
-        stage_table(z) + ["", f"Report: {z['report_bytes'] / 1e6:.2f} MB; cohort tables and report: "
+        stage_table(z) + ["", "Driver phases (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in z["phases"].items()),
+                          "", f"Report: {z['report_bytes'] / 1e6:.2f} MB; cohort tables and report: "
                               f"{json.dumps(z['cohort_seconds'])} s.", ""]
 
 
@@ -211,6 +213,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cohort", choices=sorted(COHORTS), action="append", default=[])
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--slides", type=int, help="only the first N slides of a cohort (smoke checks)")
     ap.add_argument("--scale", type=int, nargs="*", default=[])
     ap.add_argument("--one-scale", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--write", action="store_true", help="write the figures into benchmarks/RESULTS.md")
@@ -227,7 +230,7 @@ def main() -> None:
             f"Machine: {machine()}; load average at start {' '.join(load)}.", ""]
     for name in a.cohort:
         text += [f"Command: `.venv/bin/python benchmarks/bench_overhead.py --cohort {name} --repeat {a.repeat}`", ""]
-        text += run_cohort_pair(name, a.repeat)
+        text += run_cohort_pair(name, a.repeat, a.slides)
     if a.scale:
         text += [f"Command: `.venv/bin/python benchmarks/bench_overhead.py --scale {' '.join(map(str, a.scale))}` "
                  f"(small slides of {COHORTS['small'][1]} × {COHORTS['small'][2]} px, each size in a fresh process)", ""]

@@ -29,9 +29,8 @@ MODEL = "random:vit_tiny_patch16_224"
 
 def build_store(n_slides: int, n_tiles: int, dim: int) -> tuple[Path, object]:
     from zeus_ray.config import load_config
-    from zeus_ray.manifest import SlideEntry
-    from zeus_ray.pipeline import slide_keys, tiling_key
-    from zeus_ray.slide_reduce import embedding_table
+    from zeus_ray.engine.parts import part_name, part_table
+    from zeus_ray.keys import slide_keys, tiling_key
     from zeus_ray.store import OutputStore
     from zeus_ray.tiles_stage import mpp_label
     from zeus_ray.tiling import make_grid, tile_table
@@ -53,8 +52,8 @@ def build_store(n_slides: int, n_tiles: int, dim: int) -> tuple[Path, object]:
     rr, cc = tiles0["grid_row"].to_numpy(), tiles0["grid_col"].to_numpy()
     display = np.full((mask.shape[0], mask.shape[1], 3), (228, 156, 196), np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(display).save(buf, format="PNG")
-    display_png = buf.getvalue()
+    Image.fromarray(display).save(buf, format="JPEG")
+    display_jpg = buf.getvalue()
     buf = io.BytesIO()
     Image.fromarray(mask * 255).save(buf, format="PNG")
     mask_png = buf.getvalue()
@@ -64,19 +63,20 @@ def build_store(n_slides: int, n_tiles: int, dim: int) -> tuple[Path, object]:
     model_key = f"{MODEL}@seed0"
     for i in range(n_slides):
         sid = f"s{i:04d}"
-        e = SlideEntry(sid, f"/nonexistent/{sid}.svs", dataset="bench")
-        keys = slide_keys(store, e, tkey, model_key, "unused")
+        keys = slide_keys(store, sid, None, tkey, model_key, "unused")
         tiles = tiles0.set_column(0, "slide_id", pa.array([sid] * len(tiles0), pa.string()))
         store.write_parquet(f"{keys.tiles_dir}/tiles.parquet", tiles)
         store.write_bytes(f"{keys.tiles_dir}/tissue_mask_{mpp_label(8.0)}mpp.png", mask_png)
-        store.write_bytes(f"{keys.tiles_dir}/display_{mpp_label(8.0)}mpp.png", display_png)
+        store.write_bytes(f"{keys.tiles_dir}/thumbnail_{mpp_label(8.0)}mpp.jpg", display_jpg)
         store.commit(keys.tiles_dir, {"slide_id": sid, "status": "ok", "source": "bench"})
         cy, cx = rng.uniform(0.3, 0.7, 2) * rr.max()
         blob = np.exp(-(((rr - cy) ** 2 + (cc - cx) ** 2) / (2 * (0.2 * rr.max()) ** 2)))
         emb = base[0] + (blob[:, None] - 0.5) * 2 * base[1] + 0.3 * rng.normal(size=(len(rr), dim))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        store.write_parquet(f"{keys.emb_dir}/embeddings.parquet",
-                            embedding_table(sid, tiles, emb.astype(np.float32), keys, "float16"))
+        ids = tiles["tile_id"].to_numpy()
+        store.write_parquet(f"{keys.emb_dir}/{part_name(1, ids[0])}",
+                            part_table(sid, ids, grid.n_cols, 1, emb.astype(np.float32), keys.tiling_key, model_key,
+                                       "float16"))
         store.commit(keys.emb_dir, {"slide_id": sid, "source": "bench"})
     store.write_json(store.path("cohort", "seed", "run.json"), {"config": cfg.model_dump()})
     return out, len(tiles0)
@@ -90,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from zeus_ray.commands.reprompt import reprompt_config
-    from zeus_ray.pipeline import run_cohort
+    from zeus_ray.engine.driver import run_cohort
 
     t0 = time.perf_counter()
     out, per_slide = build_store(args.slides, args.tiles, 512)
@@ -112,7 +112,7 @@ def main() -> None:
         "",
         "| measure | value |",
         "| --- | --- |",
-        f"| re-prompt, end to end (Ray start, text encoding, per-slide similarities, maps, masks, GeoJSON, TIFFs, heat-maps, overlay, cohort tables, report) | {s1.seconds:.1f} s |",
+        f"| re-prompt, end to end (Ray start, text encoding, per-slide similarities, maps, masks, GeoJSON, viewer TIFFs, overlay, cohort tables, report) | {s1.seconds:.1f} s |",
         f"| tiles per second | {rate:,.0f} ({rate * 60 / 1e6:.2f} M tiles/min; goal ≥ 1 M/min) |",
         f"| seconds per 1,000 slides of {per_slide:,} tiles | {s1.seconds / args.slides * 1000:.0f} s |",
         f"| incremental run when nothing is missing ({args.slides} slides complete) | {s2.seconds:.1f} s |",

@@ -47,11 +47,11 @@ def test_time_slides_protocol():
 
     def plan_one(sid, uri):
         calls.append(sid)
-        return len(calls) * 10, 1.5
+        return len(calls) * 10, 1.5, 2
 
     res = time_slides([("a", "a.svs"), ("b", "b.svs"), ("c", "c.svs")], plan_one)
     assert calls == ["a", "a", "b", "c"]
     assert res["slides"] == 3 and res["slide_ids"] == ["a", "b", "c"]
     assert res["tiles_per_slide"] == [20, 30, 40]
     assert len(res["seconds_per_slide"]) == 3 and res["median_s"] >= 0
-    assert res["tissue_mm2_per_slide"] == [1.5, 1.5, 1.5]
+    assert res["tissue_mm2_per_slide"] == [1.5, 1.5, 1.5] and res["tissue_pieces_per_slide"] == [2, 2, 2]

@@ -309,3 +309,26 @@ def test_evaluate_and_report_in_a_bucket(copy, s3_bucket):
     assert t.loc["syn-0", "dice"] == local.loc["syn-0", "dice"] and t.loc["syn-1", "dice"] == local.loc["syn-1", "dice"]
     page = Page(store.read_bytes(f"{store.root}/cohort/{pk}/report.html").decode())
     assert len(page.cards) == 2 and all(c["img"].startswith("data:image/jpeg;base64,") for c in page.cards)
+
+
+def test_gallery_pages_large_cohorts(tmp_path):
+    """Past one page of slides the gallery gets a pager and shows one page at a time (the script
+    hides the other cards); every slide still has its card."""
+    import pyarrow as pa
+
+    from zeus_ray.report import PAGE_SIZE, build_report
+    from zeus_ray.store import OutputStore
+    store = OutputStore(str(tmp_path))
+    n = 2 * PAGE_SIZE + 7
+    df = pd.DataFrame({"slide_id": [f"s{i:04d}" for i in range(n)], "status": "ok", "tiling_key": "k",
+                       "dice": np.linspace(0, 1, n), "n_tiles": 10})
+    store.write_parquet(store.path("cohort", "pk", "slides.parquet"), pa.Table.from_pandas(df))
+    store.write_json(store.path("cohort", "pk", "run.json"), {"config": {}, "prompt_key": "pk"})
+    text = build_report(store, "pk")
+    page = Page(text)
+    assert len(page.cards) == n and f'data-page-size="{PAGE_SIZE}"' in text
+    assert {"prev", "next", "page"} <= page.ids and "showPage(0)" in text
+    small = OutputStore(str(tmp_path / "small"))
+    small.write_parquet(small.path("cohort", "pk", "slides.parquet"), pa.Table.from_pandas(df.head(3)))
+    small.write_json(small.path("cohort", "pk", "run.json"), {"config": {}, "prompt_key": "pk"})
+    assert 'id="next"' not in build_report(small, "pk")     # one page: no pager

@@ -222,3 +222,35 @@ def test_viewer_rasters_cover_the_slide_and_carry_the_mask(run, recomputed, slid
         # Nearest sampling moves each cell edge by under one raster pixel.
         tol = perimeter_cells * float(z["cell_um"]) * float(v.properties["openslide.mpp-x"]) + 4 * px_area
         assert abs(tiff_mask.sum() * px_area - cells.sum() * cell_area) <= tol, sid
+
+
+def test_reference_postprocess_from_stored_embeddings(run, recomputed):
+    """`postprocess: reference` on the stored embeddings (a re-prompt: no slide read): its own results
+    folder; the mask is the published blur-and-threshold of the argmax, recomputed here directly on
+    a 1 µm/px canvas with OpenCV (kernel 2 × 448 + 1 px, σ from the size, > 10 %, tissue cut) and
+    read at cell centres; metrics.json names the post-processing and the metric conventions."""
+    import cv2
+    from zeus_ray.commands.reprompt import reprompt_config
+    from zeus_ray.engine.driver import run_cohort
+    out = run[0]
+    names, got = recomputed
+    cfg = reprompt_config(str(out), str(PROMPTS), None, ["postprocess=reference"], None)
+    s = run_cohort(cfg, progress=False, reprompt=True)
+    assert s.ok == 3 and s.tiles_encoded == 0 and s.prompt_key.endswith("-reference")
+    for sid, g in got.items():
+        d = next(out.glob(f"slides/{sid}/results/*/{s.prompt_key}"))
+        labels = np.array(Image.open(next(d.glob("labels_*mpp.png"))))
+        z = np.load(d / "maps.npz")
+        argmax = labels == names.index("tumor") + 1
+        cell = int(round(float(z["cell_um"])))                      # 112 µm = 112 px at 1 µm/px
+        canvas = np.kron(argmax.astype(np.float32), np.ones((cell, cell), np.float32))
+        blurred = cv2.GaussianBlur(canvas, (897, 897), 0)
+        want = (blurred[cell // 2::cell, cell // 2::cell] > 0.1) & z["tissue"]
+        mask = np.array(Image.open(next(d.glob("mask_*mpp.png")))) > 0
+        assert (mask != want).sum() <= 1, sid                        # float noise at the threshold at most
+        assert mask.sum() >= argmax.sum()                            # the blur dilates
+        if (d / "metrics.json").exists():
+            m = json.loads((d / "metrics.json").read_text())
+            assert m["postprocess"] == "reference" and m["metric_convention"] == "reference"
+    run_json = json.loads(next(out.glob(f"cohort/{s.prompt_key}/run.json")).read_text())
+    assert run_json["postprocess"] == "reference" and run_json["smoothing"]["kernel_um"] == 897

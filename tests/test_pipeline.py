@@ -190,6 +190,13 @@ def test_bad_slides_get_error_rows_and_the_rest_completes(ray_local, slides_dir,
     assert p.returncode == 1, p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
     assert "3 slides ok" in last and "4 failed" in last, p.stdout
+    # A quiet console: our lines only, even with failing slides (no Ray notices, no tracebacks).
+    console = p.stdout + p.stderr
+    for noise in ("Token authentication", "core_worker", "Traceback", "EncodeWorker pid", "progress bar",
+                  "ERROR", "issue detector"):
+        assert noise not in console, (noise, console[-3000:])
+    assert all(ln.startswith(("INFO zeus_ray", "WARNING zeus_ray", "failed: ", "zeus run: "))
+               for ln in console.strip().splitlines()), console[-3000:]
     errors = pd.read_csv(next(out.glob("cohort/*/errors.csv"))).set_index("slide_id")
     assert sorted(errors.index) == ["broken", "missing", "tcga-nompp", "unreadable"]
     assert "mpp" in errors.loc["tcga-nompp", "error"] and "tcga-nompp" in errors.loc["tcga-nompp", "error"]
@@ -320,3 +327,23 @@ def test_reprompt_reads_no_slide(full_run, cohort, tmp_path):
     finally:
         for s in slides:
             (hidden / s.name).rename(s)
+
+
+def test_unusable_model_or_cluster_is_one_line(tmp_path):
+    """Weights that cannot be found, or a Ray address nobody listens on: exit 2 with one line
+    naming the problem and the fix, no traceback."""
+    import socket
+    manifest = make_cohort(tmp_path / "c", n=1)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                                   # closed once the block ends
+    for extra, want in ((["--set", "model.id=keep"], "model 'keep': model files not found"),
+                        (["--address", f"127.0.0.1:{port}"], f"cannot reach the Ray cluster at 127.0.0.1:{port}")):
+        p = subprocess.run([sys.executable, "-m", "zeus_ray", "run", "--no-progress", "--set",
+                            f"input.manifest={manifest}", "--set", f"output.root={tmp_path / 'out'}", *extra],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        assert p.returncode == 2, p.stderr[-2000:]
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and want in errors[0], p.stderr[-2000:]
+        assert "Traceback" not in p.stderr and "EncodeWorker" not in p.stderr, p.stderr[-2000:]

@@ -64,6 +64,30 @@ def test_plan_regions_partitions_tiles_into_blocks():
     assert r < 8 and ((r - 1) * 112 + 448) * g4.scale <= MAX_REGION_PX
 
 
+def test_sparse_selections_are_read_in_smaller_regions():
+    """A dense block (full overlap) stays one read; a sparse one (an adaptive pass's contour band)
+    splits where that decodes fewer pixels than the extra reads cost, and every tile is read once."""
+    g = make_grid(9000, 7000, 0.5, 1.0, 448, 112)
+    rows, cols = grid_positions(g)
+    dense = {"tile_id": rows * g.n_cols + cols, "grid_row": rows, "grid_col": cols}
+    blocks = {(r // 8, c // 8) for r, c in zip(rows, cols)}
+    assert len(plan_regions(dense, g, 8, slide_id="s")) == len(blocks)
+    # Two far corners of each block (a contour crossing it); a first pass (positions every 4) is
+    # dense enough to stay whole: non-overlapping tiles fill their box.
+    corners = np.flatnonzero((rows % 8 == cols % 8) & np.isin(rows % 8, [0, 7]))
+    sparse = {k: v[corners] for k, v in dense.items()}
+    grid4 = np.flatnonzero((rows % 4 == 0) & (cols % 4 == 0))
+    first = {k: v[grid4] for k, v in dense.items()}
+    assert len(plan_regions(first, g, 8, slide_id="s")) == len({(r // 8, c // 8) for r, c in zip(rows[grid4], cols[grid4])})
+    regions = plan_regions(sparse, g, 8, slide_id="s")
+    assert sorted(np.concatenate([r.tile_ids for r in regions]).tolist()) == sorted(sparse["tile_id"].tolist())
+    unsplit = sum(((np.ptp(sparse["grid_col"][m]) * g.stride0 + g.patch0) *
+                   (np.ptp(sparse["grid_row"][m]) * g.stride0 + g.patch0))
+                  for m in [(sparse["grid_row"] // 8 == a) & (sparse["grid_col"] // 8 == b) for a, b in blocks])
+    decoded = sum(r.decoded_px for r in regions)
+    assert len(regions) > len(blocks) and decoded < 0.6 * unsplit
+
+
 def test_pyramid_level_1_is_bit_identical_to_naive(pyramid):
     slide = openslide.OpenSlide(pyramid.path)
     g, tiles = plan(slide, 0.25, 1.0)

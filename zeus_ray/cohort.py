@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .keys import ERROR_STATUSES
+from .postprocess import postprocess_label
 from .store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,9 @@ def write_cohort_outputs(store: OutputStore, summary, cfg, prompt_set) -> str:
     write_slide_tables(store, out, pd.DataFrame(summary.rows), cfg.model.id)
     run = {"config": cfg.model_dump(), "prompt_key": summary.prompt_key, "prompt_file": cfg.prompts.file,
            "classes": prompt_set.class_names, "tumour_class": prompt_set.class_names[prompt_set.tumour_index],
-           "summary": summary.line(), "pool": summary.pool,
+           "summary": summary.line(), "pool": summary.pool, **postprocess_label(cfg),
            "stage_seconds": {k: [round(v[0], 3), round(v[1], 3)] for k, v in summary.timing.items()},
+           "driver_seconds": summary.phases,
            "cohort_seconds": {"tables": round(time.perf_counter() - t0, 3)}}
     store.write_json(f"{out}/run.json", run)
     t0 = time.perf_counter()

@@ -156,7 +156,7 @@ class RayConfig(_Section):
     encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor (default: 1 per 8 CPUs of the largest node, at least 1)")
     fuse_read_encode: Literal["auto", "on", "off"] = Field("auto", description="auto: CPU encoders read their own tiles (no pixels through the object store) unless reader_resources pins reads elsewhere")
     chunk_tiles: int = Field(256, gt=0, description="tiles per encoder call and per stored part")
-    max_slides_in_flight: int | None = Field(None, gt=0, description="slides planned but not finished at a time (default: 2 per encoder + 2)")
+    max_slides_in_flight: int | None = Field(None, gt=0, description="slides planned but not finished at a time (default: 4 per encoder worker, at least 8)")
     reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
     encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")
 

@@ -104,6 +104,8 @@ def check_tokenizer(ctx: Context) -> list[Line]:
     m = ctx.cfg.model
     if m.id.startswith("random:"):
         return [(OK, "tokenizer: built-in (hashed words)")]
+    if m.id == "conch" and not m.tokenizer and "tokenizer" in (ctx.weight_roles or ()):
+        return [(OK, "tokenizer: CONCH BPE file beside the weights (zeus models fetch)")]
     if m.id == "conch":
         from .encoders.fetch import conch_tokenizer_file
         file = conch_tokenizer_file(m.tokenizer)   # WeightsError names the file that is missing or wrong

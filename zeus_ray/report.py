@@ -27,7 +27,8 @@ from .errors import ZeusError
 from .metrics import format_mean_std
 from .store import OutputStore
 
-THUMB_WIDTH = 400    # gallery thumbnails: at most this wide (and 1.5 × as high), JPEG
+THUMB_WIDTH = 240    # gallery thumbnails: at most this wide (and 1.5 × as high), JPEG (~8 KB each)
+PAGE_SIZE = 60       # gallery cards shown at a time (a 1,000-slide report stays quick to use)
 NO_DICE = ("No annotations were evaluated, so there is no Dice, precision or recall. Give the manifest an "
            "<code>annotation_uri</code> column, or run <code>zeus evaluate RESULTS_DIR --annotations "
            "MANIFEST_OR_DIR</code>.")
@@ -80,7 +81,7 @@ def _thumbnail(store: OutputStore, path: str, width: int) -> str | None:
         return None
     img.thumbnail((width, int(width * 1.5)), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80, optimize=True)
+    img.save(buf, format="JPEG", quality=72, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -105,12 +106,25 @@ def _settings(run: dict, df: pd.DataFrame) -> str:
             ("Prompt file", run.get("prompt_file")), ("Prompt key", run.get("prompt_key")),
             ("Classes", ", ".join(map(str, run.get("classes") or []))), ("Tiling", tiling_text),
             ("Evaluation", ", ".join(f"{k} = {v}" for k, v in sorted(settings.items()) if v is not None) or "defaults"),
+            ("Post-processing", _postprocess_text(run)),
             ("Annotations", evaluated.get("annotations") or "the run's manifest (annotation_uri)"),
             ("Run", run.get("summary"))]
     if evaluated:
         rows.append(("Last zeus evaluate", f"{evaluated.get('at', '')}: {evaluated.get('summary', '')}"))
     body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     return f'<section id="settings"><h2>Run settings</h2><table class="settings">{body}</table></section>'
+
+
+def _postprocess_text(run: dict) -> str:
+    mode = run.get("postprocess") or (run.get("config") or {}).get("postprocess") or "none"
+    convention = run.get("metric_convention") or ("reference" if mode == "reference" else "zeus")
+    if mode == "none":
+        return ("none: the argmax mask as it is; metrics by zeus conventions (an empty prediction has "
+                "precision NaN, skipped in the means)")
+    k = run.get("smoothing") or {}
+    return (f"{mode}: the published ZEUS code's smoothing (Gaussian, kernel {k.get('kernel_um', '?')} µm, "
+            f"σ {k.get('sigma_um', '?')} µm, > {k.get('threshold', 0.1):g}, cut to tissue); metrics by the "
+            f"{convention} conventions (1e-6 smoothing term)")
 
 
 def cohort_table_html(table: pd.DataFrame, table_id: str) -> str:
@@ -228,7 +242,7 @@ def _slides_table(df: pd.DataFrame) -> str:
 
 def _card(r: dict, thumb: str | None) -> str:
     dice = _num(r.get("dice"))
-    img = (f'<img alt="overlay of {esc(r["slide_id"])}" src="{thumb}">' if thumb
+    img = (f'<img alt="overlay of {esc(r["slide_id"])}" loading="lazy" decoding="async" src="{thumb}">' if thumb
            else '<div class="noimg">no overlay image</div>')
     meta = " · ".join(esc(r.get(k)) for k in ("dataset", "center") if not _missing(r.get(k)))
     lines = [f'<b>{esc(r["slide_id"])}</b>' + (f' <span class="note">{meta}</span>' if meta else ""),
@@ -255,9 +269,12 @@ def _gallery(store: OutputStore, df: pd.DataFrame, prompt_key: str, width: int, 
     buttons = "".join(f'<button type="button" data-key="{k}" data-dir="{d}">{esc(t)}</button>'
                       for k, d, t in (("dice", -1, "Dice ↓"), ("dice", 1, "Dice ↑"), ("id", 1, "Slide id")))
     cards = "".join(_card(r, t) for r, t in zip(ok, thumbs))
+    pager = ('' if len(ok) <= PAGE_SIZE else
+             ' · <button type="button" id="prev">◀</button> <span id="page"></span> '
+             '<button type="button" id="next">▶</button>')
     return ('<section id="overlays"><h2>Overlays</h2><p class="note">Tissue (grey), prediction (blue) and '
-            f'ground truth (green) contours.</p><div class="toolbar">Sort: {buttons}</div>'
-            f'<div id="gallery">{cards}</div></section>')
+            f'ground truth (green) contours.</p><div class="toolbar">Sort: {buttons}{pager}</div>'
+            f'<div id="gallery" data-page-size="{PAGE_SIZE}">{cards}</div></section>')
 
 
 def _errors(df: pd.DataFrame) -> str:

@@ -56,16 +56,22 @@ def jpeg_bytes(rgb: np.ndarray, quality: int = 88) -> bytes:
     return buf.tobytes()
 
 
-def load_preview(store: OutputStore, *dirs: str) -> tuple[np.ndarray, float] | None:
-    """The finest RGB picture of the slide stored in `dirs` (a result folder's preview_*.jpg, a
-    tiles folder's thumbnail_*.jpg) and its µm/px."""
+def _previews(store: OutputStore, *dirs: str) -> list[tuple[float, str]]:
+    """(µm/px, path) of the pictures of the slide stored in `dirs` (a result folder's
+    preview_*.jpg, a tiles folder's thumbnail_*.jpg), finest first."""
     found = []
     for d in dirs:
         if store.exists(d):
             found += [(float(m.group(1)), p) for p in store.fs.ls(d, detail=False) if (m := _PREVIEW.search(p))]
+    return sorted(found)
+
+
+def load_preview(store: OutputStore, *dirs: str) -> tuple[np.ndarray, float] | None:
+    """The finest RGB picture of the slide stored in `dirs`, and its µm/px."""
+    found = _previews(store, *dirs)
     if not found:
         return None
-    mpp, path = min(found)
+    mpp, path = found[0]
     rgb = cv2.imdecode(np.frombuffer(store.read_bytes(path), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
     return np.ascontiguousarray(rgb), mpp
 
@@ -75,9 +81,9 @@ def ensure_preview(store: OutputStore, job: dict, grid, long_px: int) -> None:
     read a finer picture (local slides only: a bucket slide is not fetched again for a preview) and
     store it as preview_<mpp>mpp.jpg beside the results (later redraws use it)."""
     keys, entry = job["keys"], job["entry"]
-    found = load_preview(store, keys.res_dir, keys.tiles_dir)
+    found = _previews(store, keys.res_dir, keys.tiles_dir)
     want = max(max(grid.width, grid.height) * grid.mpp0 / long_px, PREVIEW_MIN_MPP, grid.mpp0)
-    if found is None or want >= found[1] / 1.5 or "://" in entry["uri"]:
+    if not found or want >= found[0][0] / 1.5 or "://" in entry["uri"]:
         return
     from .tiles_stage import mpp_label, read_preview
     try:

@@ -136,7 +136,7 @@ def tissue_fractions(grid: TileGrid, mask: np.ndarray, mask_mpp: float, rows, co
     covering level-0 [j·s, (j+1)·s), s = mask_mpp / mpp0) over the box area. Outside the mask
     counts as background. Vectorised with a summed-area table."""
     m = np.asarray(mask)
-    sat = integral(m != 0)
+    sat = integral(m != 0, np.int32 if m.size < 2**31 else np.int64)
     x, y = tile_origins(grid, rows, cols)
     k = grid.mpp0 / mask_mpp  # mask px per level-0 px
     x0, y0 = x * k, y * k

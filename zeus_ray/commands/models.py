@@ -72,7 +72,7 @@ def _fetch(args) -> int:
     tok = next((n for n, e in files.items() if e["role"] == "tokenizer" and n.endswith(".json")), None)
     if manifest["model_id"] == "conch":
         if tok:
-            print(f"CONCH tokenizer included: --set model.tokenizer={dest}/{tok}")
+            print(f"CONCH tokenizer included: model.weights={dest} finds it (hash-checked)")
         else:
             print("CONCH tokenizer not included: it ships with the official CONCH code, not the weights; "
                   "fetch again with --tokenizer /path/to/conch_byte_level_bpe_uncased.json")

@@ -23,7 +23,6 @@ from .weights import (_BUCKET_RE, MANIFEST_FORMAT, MANIFEST_NAME, Candidates, fi
                       resolve_weights)
 
 # The name the official CONCH package gives its BPE file (registry messages use it too).
-CONCH_TOKENIZER_NAMES = ("conch_byte_level_bpe_uncased.json",)
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class ModelFiles:
 def model_files(model_id: str) -> ModelFiles:
     """The file roles of a registered id or a generic family, as their loaders ask for them."""
     from .clip_models import HF_CLIP_FILES, HF_CLIP_OPTIONAL, OPEN_CLIP_WEIGHTS
-    from .registry import HOW_TO_LOCAL, KEEP_TOKENIZER_FILES, MODELS, _how_to
+    from .registry import CONCH_TOKENIZER_NAMES, HOW_TO_LOCAL, KEEP_TOKENIZER_FILES, MODELS, _how_to
 
     mid = model_id.strip()
     open_clip_optional = {"config": ("open_clip_config.json",),

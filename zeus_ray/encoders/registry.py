@@ -89,6 +89,8 @@ def _tiny_spec(spec: ModelSpec, image_size: int, embed_dim: int) -> ModelSpec:
 # Where the official CONCH package (github.com/mahmoodlab/CONCH; its MANIFEST.in ships the file)
 # keeps its tokenizer, relative to the `conch` package folder.
 CONCH_TOKENIZER_IN_PACKAGE = ("open_clip_custom", "tokenizers", "conch_byte_level_bpe_uncased.json")
+# Beside the weights in a folder or bucket made by `zeus models fetch conch` (hash-checked there).
+CONCH_TOKENIZER_NAMES = (CONCH_TOKENIZER_IN_PACKAGE[-1],)
 CONCH_TOKENIZER_HELP = (
     "CONCH's tokenizer file conch_byte_level_bpe_uncased.json ships with the official CONCH code, not with "
     "the weights: take conch/" + "/".join(CONCH_TOKENIZER_IN_PACKAGE) + " from https://github.com/mahmoodlab/CONCH "
@@ -123,12 +125,17 @@ def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder
     from .checkpoint import load_state_dict_file
     from .conch import ConchTokenizer, build_conch, load_conch_weights
 
-    files = resolve_weights(spec.id, cfg.weights, spec.weights_source, spec.extra["files"], how_to=_how_to(spec))
+    # A weights folder or bucket may hold the tokenizer too (zeus models fetch puts it there); the
+    # hub repo does not, so it is not asked for there.
+    beside = {"tokenizer": CONCH_TOKENIZER_NAMES} if cfg.weights and not cfg.tokenizer else None
+    files = resolve_weights(spec.id, cfg.weights, spec.weights_source, spec.extra["files"], beside,
+                            how_to=_how_to(spec))
     model = build_conch(tiny=rt.tiny)
     load_conch_weights(model, load_state_dict_file(files["weights"]), source=str(files["weights"]))
     if rt.tiny:
         spec = _tiny_spec(spec, model.config.image_size, model.config.embed_dim)
-    tok_path, tok_where = _conch_tokenizer_lookup(cfg)
+    tok_path, tok_where = ((files.get("tokenizer"), str(files.get("tokenizer"))) if files.get("tokenizer")
+                           else _conch_tokenizer_lookup(cfg))
     tokenizer: list = []   # loaded on first use: encoding images needs no tokenizer
 
     def text_fn(texts, dev):

@@ -21,10 +21,6 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Environment that workers of a local cluster need from the driver: cloud/hub settings and our path.
-_PASS_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HF_", "FSSPEC_", "ZEUS_")
-
-
 def resolve_address(cfg) -> str:
     """The address to join, or "local" for a new local cluster. Never the last cluster Ray
     remembers in /tmp/ray/ray_current_cluster (a dead `ray start` leaves it behind): only
@@ -68,10 +64,18 @@ def init_ray(cfg) -> bool:
     # Ray turns token authentication on for new local clusters and says so on every run: keep it
     # on, drop the notice (a filter on that one logger and message).
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthNotice())
-    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
-             runtime_env={"env_vars": env})
+    # Workers of a local cluster inherit the environment the raylet starts with (cloud and hub
+    # settings included); they also need the driver's import path. Set for the start only: a
+    # runtime_env would do the same per worker, about a second slower.
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
     return True
 
 

@@ -47,6 +47,7 @@ class RunSummary:
     tiles_stored: int = 0     # adaptive mode: tiles encoded so far for these slides (this run and before)
     pass_tiles: dict = field(default_factory=dict)   # pass → tiles encoded in it this run
     timing: dict = field(default_factory=dict)       # stage → [wall s, CPU s] summed over workers
+    phases: dict = field(default_factory=dict)       # driver phase → wall seconds (start-up, engine, outputs)
     pool: str = ""
 
     @property
@@ -74,9 +75,11 @@ def run_cohort(cfg, *, progress: bool = True, reprompt: bool = False) -> RunSumm
     entries = load_cohort(cfg.input)
     prompt_set = load_prompt_set(cfg.prompts.file)
     store = OutputStore(cfg.output.root)
+    t1 = time.perf_counter()
     started = init_ray(cfg)
+    phases = {"inputs": round(t1 - t0, 3), "ray_start": round(time.perf_counter() - t1, 3)}
     try:
-        return _run(cfg, entries, prompt_set, store, t0, progress, reprompt)
+        return _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases)
     finally:
         if started:
             ray.shutdown()
@@ -95,23 +98,23 @@ def _actor_error(e: BaseException) -> str:
     cause = getattr(e, "cause", None)
     if isinstance(cause, ZeusError):
         return str(cause)
-    text = str(e)
-    for line in reversed(text.splitlines()):   # Ray's text ends with the worker's exception line
-        if "Error:" in line or "Error(" in line:
-            return f"cannot build the encoder {line.strip()}"
-    return f"cannot build the encoder: {type(e).__name__}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"cannot build the encoder: {lines[-1] if lines else type(e).__name__}"
 
 
-def _run(cfg, entries, prompt_set, store, t0, progress, reprompt) -> RunSummary:
+def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases) -> RunSummary:
     stored_only = reprompt and cfg.tiling.mode == "full"
     plan = PoolPlan(False, 0, 0, 0, 1, 1, n_readers=_cpus()) if stored_only else pool_plan(cfg)
     pool = Pool(plan, cfg, store.root_uri)
+    t1 = time.perf_counter()
     try:
         if progress and plan.n_workers:
             log.info("worker pool: %s", plan.describe())
         if cfg.model.id.startswith("random:"):   # (not imported from random_model: that pulls torch in)
             log.warning("model %s: random weights, masks carry no meaning", cfg.model.id)
         class_matrix, model_key, logit_scale = _text(pool, prompt_set)
+        phases["pool_start"] = round(time.perf_counter() - t1, 3)   # workers up, encoder loaded
+        t1 = time.perf_counter()
         pkey = run_key(make_prompt_key(prompt_set, model_key), cfg)
         tkey = tiling_key(cfg)
         summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=plan.describe())
@@ -144,8 +147,11 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt) -> RunSummary:
                  len(entries), summary.skipped, len(to_reduce), len(to_plan))
         prompts = {"class_matrix": class_matrix, "class_names": prompt_set.class_names,
                    "tumour_index": prompt_set.tumour_index, "logit_scale": logit_scale}
+        phases["what_is_stored"] = round(time.perf_counter() - t1, 3)
+        t1 = time.perf_counter()
         engine = PassEngine(cfg, pool, prompts, keys_of, sources, summary.rows.append, progress)
         stats = engine.run(to_plan, to_reduce)
+        phases["slides"] = round(time.perf_counter() - t1, 3)
     finally:
         pool.shutdown()
     for k in ("tiles_encoded", "tiles_full", "tiles_stored", "pass_tiles", "timing", "read_nodes", "encode_nodes"):
@@ -154,6 +160,7 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt) -> RunSummary:
     summary.ok = sum(1 for r in summary.rows if r["status"] == OK)
     summary.failed = sum(1 for r in summary.rows if r["status"] == FAILED)
     summary.no_tissue = sum(1 for r in summary.rows if r["status"] == NO_TISSUE)
+    summary.phases = phases
     summary.seconds = time.perf_counter() - t0
     from ..cohort import write_cohort_outputs
     write_cohort_outputs(store, summary, cfg, prompt_set)

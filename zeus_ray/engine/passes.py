@@ -109,7 +109,8 @@ class PassEngine:
         self.entries = {e.slide_id: e for e in [*to_plan, *to_reduce]}
         plan_q = deque(to_plan)
         self.reduce_q.extend((e, None) for e in to_reduce)
-        limit = self.cfg.ray.max_slides_in_flight or max(4, 2 * len(self.pool.actors) + 2)
+        # Enough slides in flight that a slide waiting for its own pass never leaves a worker idle.
+        limit = self.cfg.ray.max_slides_in_flight or max(8, 4 * len(self.pool.actors))
         while True:
             self._dispatch(plan_q, limit)
             if not self.inflight:

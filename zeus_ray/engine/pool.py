@@ -21,17 +21,24 @@ class EncodeWorker:
     def __init__(self, cfg, store_root: str, threads: int):
         work.set_threads(threads)
         from ..encoders.registry import load_encoder
+        from ..errors import ZeusError
         self.cfg = cfg
         self.store_root = store_root
         self.store = OutputStore(store_root)
-        self.encoder = load_encoder(cfg.model)
-        self.opts = getattr(cfg.input, "storage_options", None)
+        self.opts = cfg.input.storage_options
+        self.error = None
+        try:
+            self.encoder = load_encoder(cfg.model)
+        except ZeusError as e:   # kept and raised by text(): one line for the user, no actor restarts
+            self.encoder, self.error = None, e
 
     def ready(self) -> str:
         return work.node_id()
 
     def text(self, prompt_set) -> tuple:
         """Class matrix (C, D) per the paper's Eq. 1, the model key and the logit scale."""
+        if self.error is not None:
+            raise self.error
         from ..prompts import class_embeddings
         return class_embeddings(self.encoder, prompt_set), self.encoder.model_key, float(self.encoder.logit_scale)
 
@@ -41,9 +48,8 @@ class EncodeWorker:
     def encode(self, job, *read) -> dict:
         """Encode one chunk: read here (fused) or from reader tasks' results (split)."""
         tiles = None
-        if read:
-            import numpy as np
-            tiles = (np.concatenate([r[0] for r in read]), np.concatenate([r[1] for r in read]))
+        if read:   # regions from the object store, encoded as they come (no concatenated copy)
+            tiles = [(ids, images) for ids, images, _ in read]
             job = job | {"read_node": read[0][2]}
         return work.encode_work(self.encoder, self.store, job, tiles, self.cfg.cache, self.opts)
 
@@ -53,7 +59,7 @@ class EncodeWorker:
 
 def _read_task(job, cache_cfg, storage_options):
     """Split mode: one region's tiles (ids, uint8 images, node) for an encoder actor."""
-    ids, images = work.read_regions(job, cache_cfg, storage_options)
+    ids, images = next(work.read_regions(job, cache_cfg, storage_options))
     return ids, images, work.node_id()
 
 

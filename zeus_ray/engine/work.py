@@ -34,11 +34,8 @@ def timed(timings: dict, stage: str):
 
 
 def node_id() -> str:
-    try:
-        import ray
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray (unit use)
-        return "local"
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def failure(sid: str, e: BaseException) -> dict:
@@ -118,41 +115,79 @@ def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> 
 _HANDLES: dict = {}
 
 
-def read_regions(job: dict, cache_cfg, storage_options=None) -> tuple[np.ndarray, np.ndarray]:
-    """(tile_ids, uint8 tiles (N, P, P, 3)) of the job's regions, each region decoded once.
-    Slide handles are cached per worker (bounded)."""
-    from ..region_reader import read_region_tiles
+_TILE_CACHE: list = []
+MAX_HANDLES = 8
+TILE_CACHE_BYTES = 32 << 20
+
+
+def _slide(job: dict, cache_cfg, storage_options):
+    """The job's slide, from a bounded per-worker cache of open handles. The handles share one
+    OpenSlide tile cache: each handle's own (32 MiB) would grow a worker by that much per slide,
+    and region reads decode each pixel about once anyway."""
+    import openslide
+
     from ..slide_access import open_slide
-    uri, sid = job["uri"], job["slide_id"]
+    uri = job["uri"]
     slide = _HANDLES.pop(uri, None)
     if slide is None:
-        if len(_HANDLES) >= 16:
+        if len(_HANDLES) >= MAX_HANDLES:
             _HANDLES.pop(next(iter(_HANDLES))).close()
-        slide = open_slide(uri, sid, cache_cfg, storage_options)
+        slide = open_slide(uri, job["slide_id"], cache_cfg, storage_options)
+        if hasattr(openslide, "OpenSlideCache"):
+            if not _TILE_CACHE:
+                _TILE_CACHE.append(openslide.OpenSlideCache(TILE_CACHE_BYTES))
+            slide.set_cache(_TILE_CACHE[0])
     _HANDLES[uri] = slide   # most recently used last
-    parts = [read_region_tiles(slide, job["grid"], r) for r in job["regions"]]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return slide
+
+
+def read_regions(job: dict, cache_cfg, storage_options=None):
+    """Yield (tile_ids, uint8 tiles (n, P, P, 3)) region by region, each region decoded once."""
+    from ..region_reader import read_region_tiles
+    slide = _slide(job, cache_cfg, storage_options)
+    for r in job["regions"]:
+        yield read_region_tiles(slide, job["grid"], r)
+
+
+def _encode_stream(encoder, pieces, batch: int, t: dict):
+    """Encode (ids, images) pieces in batches of about `batch` tiles as they come, so at most a
+    region and a batch of pixels are held (not a whole chunk's: 256 tiles at 448 px are 150 MB)."""
+    ids, emb, buf, n = [], [], [], 0
+
+    def flush():
+        with timed(t, "encode"):
+            emb.append(encoder.encode_images(np.concatenate(buf) if len(buf) > 1 else buf[0]))
+        buf.clear()
+
+    it = iter(pieces)
+    while True:
+        with timed(t, "read"):
+            piece = next(it, None)
+        if piece is None:
+            break
+        ids.append(piece[0])
+        buf.append(piece[1])
+        n += len(piece[0])
+        if n >= batch:
+            flush()
+            n = 0
+    if buf:
+        flush()
+    return np.concatenate(ids), np.concatenate(emb)
 
 
 def encode_work(encoder, store: OutputStore, job: dict, tiles=None, cache_cfg=None, storage_options=None) -> dict:
-    """Encode one chunk (its regions read here unless `tiles` = (ids, images) are given), write its
-    part, return the record: tile count, the part, and in adaptive mode (job["class_matrix"]) the
-    chunk's tile ids and class scores for the next selection."""
+    """Encode one chunk (its regions read here, or `tiles`: (ids, images) pieces read by reader
+    tasks), write its part, return the record: tile count, the part, and in adaptive mode
+    (job["class_matrix"]) the chunk's tile ids and class scores for the next selection."""
     from ..slide_reduce import cosine_scores
     sid = job["slide_id"]
     t: dict = {}
     rec = {"slide_id": sid, "pass": job["pass"], "timing": t, "encode_node": node_id()}
     try:
-        if tiles is None:
-            with timed(t, "read"):
-                ids, images = read_regions(job, cache_cfg, storage_options)
-            rec["read_node"] = rec["encode_node"]
-        else:
-            ids, images = tiles
-            rec["read_node"] = job.get("read_node")
-        with timed(t, "encode"):
-            emb = encoder.encode_images(images)
-        del images
+        pieces = read_regions(job, cache_cfg, storage_options) if tiles is None else tiles
+        rec["read_node"] = rec["encode_node"] if tiles is None else job.get("read_node")
+        ids, emb = _encode_stream(encoder, pieces, getattr(encoder, "batch_size", 64), t)
         with timed(t, "write"):
             order = np.argsort(ids)
             ids = ids[order]
