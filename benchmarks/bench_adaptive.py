@@ -294,10 +294,9 @@ def write_report(args, slides, grid, summ, best, prompts, tumour, seconds, scale
                    f"against {plain['passes']}." if plain else "- Coarse first: not compared in this run."),
                   "- In the pipeline a slide's next pass is selected as soon as its own pass is in, while the "
                   "long-lived encoder pool works on other slides (no per-pass job start-up).",
-                  "- Time: the encoder takes over 98 % of the per-tile time (issue #7), so the adaptive mode's "
-                  "encoding time is about the encoded fraction of full overlap's; it reads regions once per pass. "
-                  "The simulation encodes nothing: end-to-end times are in the section `Full against adaptive "
-                  "overlap, end to end` below."]
+                  "- Time: encoding scales with the encoded fraction, reading does not (the first pass touches every "
+                  "tissue block). The simulation encodes nothing: end-to-end times are in the section `Full against "
+                  "adaptive overlap, end to end` below."]
     for k, rows in (scale_rows or {}).items():
         if k == best:
             lines += ["", "Whole-slide size (`--scale`; not in the pooled figures above, which chose the default): "

@@ -187,7 +187,7 @@ def section(raw: dict) -> str:
                          f"{e['peak_pss_bytes'] / GIB:.2f} GiB | {e['bytes_written'] / 1e6:.1f} MB | "
                          f"{e['bytes_stored'] / 1e6:.1f} MB / {e['disk_bytes'] / 1e6:.1f} MB ({e['files_stored']} files) | "
                          f"{e['loadavg_start']} → {e['loadavg_end']} |")
-        lines += ["", "zeus end to end: see the Overhead section."]
+        lines += ["", "zeus end to end: see the Overhead section (benchmarks/bench_overhead.py)."]
     lines += ["", f"Raw figures (per slide): `{RAW.relative_to(ROOT)}`."]
     return "\n".join(lines) + "\n"
 

@@ -77,13 +77,16 @@ def load_preview(store: OutputStore, *dirs: str) -> tuple[np.ndarray, float] | N
 
 
 def ensure_preview(store: OutputStore, job: dict, grid, long_px: int) -> None:
-    """For a slide whose tissue thumbnail is much coarser than a `long_px` preview (small slides),
-    read a finer picture (local slides only: a bucket slide is not fetched again for a preview) and
-    store it as preview_<mpp>mpp.jpg beside the results (later redraws use it)."""
+    """For a small slide (a biopsy) whose tissue thumbnail is under a third of a `long_px` preview
+    on its long side, read a finer picture (local slides only: a bucket slide is not fetched again
+    for a preview) and store it as preview_<mpp>mpp.jpg beside the results (later redraws use it).
+    Larger slides keep the thumbnail: a finer read costs more than the rest of their reduce."""
     keys, entry = job["keys"], job["entry"]
     found = _previews(store, keys.res_dir, keys.tiles_dir)
-    want = max(max(grid.width, grid.height) * grid.mpp0 / long_px, PREVIEW_MIN_MPP, grid.mpp0)
-    if not found or want >= found[0][0] / 1.5 or "://" in entry["uri"]:
+    side_um = max(grid.width, grid.height) * grid.mpp0
+    want = max(side_um / long_px, PREVIEW_MIN_MPP, grid.mpp0)
+    if (not found or side_um / found[0][0] >= long_px / 3 or want >= found[0][0] / 1.5
+            or "://" in entry["uri"]):
         return
     from .tiles_stage import mpp_label, read_preview
     try:

@@ -23,17 +23,14 @@ def register(sub) -> None:
 
 def stored_run_config(root: str, model_id: str | None = None) -> dict:
     """The config of the newest run under `root` (for `model_id` when given)."""
+    from ..evaluate import cohort_runs   # the one lookup of stored runs (newest first)
     store = OutputStore(root)
-    runs = []
-    for path in store.fs.glob(store.path("cohort", "*", "run.json")):
-        info = store.read_json(path)
+    for pk, _ in cohort_runs(store):
+        info = store.read_json(store.path("cohort", pk, "run.json"))
         if model_id is None or info["config"]["model"]["id"] == model_id:
-            runs.append((store.fs.info(path).get("mtime") or store.fs.info(path).get("LastModified"), info))
-    if not runs:
-        which = f" with model {model_id!r}" if model_id else ""
-        raise ConfigError(f"--results {root}: no earlier run{which} found (no cohort/*/run.json); run `zeus run` first")
-    runs.sort(key=lambda r: str(r[0]))
-    return runs[-1][1]["config"]
+            return info["config"]
+    which = f" with model {model_id!r}" if model_id else ""
+    raise ConfigError(f"--results {root}: no earlier run{which} found (no cohort/*/run.json); run `zeus run` first")
 
 
 def reprompt_config(root: str, prompts: str, model_id: str | None, overrides: list[str], address: str | None):
