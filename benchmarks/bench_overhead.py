@@ -36,13 +36,15 @@ from _results import machine, replace_section  # noqa: E402
 
 COHORTS = {"large": (32, 7200, 5400, FOLDER), "small": (400, 2400, 1800, HERE / "_work" / "overhead-small")}
 MODEL, BATCH, DEVICE = "random:test_vit", 64, "cpu"
+DIRECT = True   # --reader auto: both sides read TIFF tiles directly; openslide: both through OpenSlide
 
 
 def config(manifest: Path, out: Path, *sets: str):
     from zeus_ray.config import load_config
     return load_config(None, [f"input.manifest={manifest}", f"output.root={out}", f"model.id={MODEL}",
                               f"model.batch_size={BATCH}", f"model.device={DEVICE}",
-                              f"cache.dir={out.parent / 'cache'}", *sets])
+                              f"cache.dir={out.parent / 'cache'}",
+                              f"input.reader={'auto' if DIRECT else 'openslide'}", *sets])
 
 
 # --- the plain pool --------------------------------------------------------------------------------
@@ -50,9 +52,9 @@ def config(manifest: Path, out: Path, *sets: str):
 _ENC = None
 
 
-def _init(threads: int, encode: bool, model: str, batch: int) -> None:
-    global _ENC, MODEL, BATCH
-    MODEL, BATCH = model, batch   # spawned processes start from the module's defaults
+def _init(threads: int, encode: bool, model: str, batch: int, direct: bool) -> None:
+    global _ENC, MODEL, BATCH, DIRECT
+    MODEL, BATCH, DIRECT = model, batch, direct   # spawned processes start from the module's defaults
     import cv2
     import torch
     torch.set_num_threads(threads)
@@ -71,25 +73,29 @@ def _slide(row) -> int:
     import openslide
     from zeus_ray.config import JobConfig
     from zeus_ray.region_reader import plan_regions, read_region_tiles
+    from zeus_ray.tiff_levels import TiffLevels
     from zeus_ray.tiles_stage import plan_slide
     sid, uri = row
     plan = plan_slide(uri, sid, JobConfig())
     slide = openslide.OpenSlide(uri)
+    tiff = TiffLevels.open(uri, slide) if DIRECT else None   # zeus's reads: straight from the TIFF tiles
     n, buf = 0, []
     for r in plan_regions(plan.tiles, plan.grid, 8):
-        buf.append(read_region_tiles(slide, plan.grid, r)[1])
+        buf.append(read_region_tiles(slide, plan.grid, r, tiff=tiff)[1])
         if sum(len(b) for b in buf) >= BATCH:
             n += len(_ENC.encode_images(np.concatenate(buf))) if _ENC else sum(len(b) for b in buf)
             buf = []
     if buf:
         n += len(_ENC.encode_images(np.concatenate(buf))) if _ENC else sum(len(b) for b in buf)
     slide.close()
+    if tiff is not None:
+        tiff.close()
     return n
 
 
 def plain_pool(rows, procs: int, encode: bool = True) -> tuple[int, float]:
     t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(procs, initializer=_init, initargs=(1, encode, MODEL, BATCH)) as pool:
+    with mp.get_context("spawn").Pool(procs, initializer=_init, initargs=(1, encode, MODEL, BATCH, DIRECT)) as pool:
         n = sum(pool.imap_unordered(_slide, rows, chunksize=1))
     return n, time.perf_counter() - t0
 
@@ -188,8 +194,9 @@ def scale(ns: list[int]) -> list[str]:
     out = ["| slides | tiles | wall | slides/s | driver peak RSS | all processes peak PSS | report | "
            "cohort tables + report |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n in ns:
-        p = subprocess.run([sys.executable, __file__, "--one-scale", str(n)], capture_output=True, text=True,
-                           check=True)
+        reader = "auto" if DIRECT else "openslide"
+        p = subprocess.run([sys.executable, __file__, "--one-scale", str(n), "--reader", reader],
+                           capture_output=True, text=True, check=True)
         z = json.loads(p.stdout.strip().splitlines()[-1])
         out.append(f"| {n} | {z['tiles']} | {z['wall']:.0f} s | {z['slides'] / z['wall']:.2f} | "
                    f"{z['driver_rss'] / 2**20:.0f} MiB | {z['pss'] / 2**30:.2f} GiB | "
@@ -209,7 +216,7 @@ def one_scale(n: int) -> None:
 
 
 def main() -> None:
-    global DEVICE, MODEL, BATCH
+    global DEVICE, MODEL, BATCH, DIRECT
     ap = argparse.ArgumentParser()
     ap.add_argument("--cohort", choices=sorted(COHORTS), action="append", default=[])
     ap.add_argument("--repeat", type=int, default=1)
@@ -221,15 +228,19 @@ def main() -> None:
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--out", help="also write the text to this file")
+    ap.add_argument("--reader", choices=["auto", "openslide"], default="auto",
+                    help="input.reader for zeus and the same reads in the plain pool")
     a = ap.parse_args()
-    DEVICE, MODEL, BATCH = a.device, a.model, a.batch
+    DEVICE, MODEL, BATCH, DIRECT = a.device, a.model, a.batch, a.reader == "auto"
     if a.one_scale:
         return one_scale(a.one_scale)
     load = open("/proc/loadavg").read().split()[:3]
     text = ["## Pipeline overhead against a plain process pool (issue #11)", "",
             f"Machine: {machine()}; load average at start {' '.join(load)}.", ""]
     for name in a.cohort:
-        text += [f"Command: `.venv/bin/python benchmarks/bench_overhead.py --cohort {name} --repeat {a.repeat}`", ""]
+        text += [f"Command: `.venv/bin/python benchmarks/bench_overhead.py --cohort {name} --repeat {a.repeat}"
+                 f" --reader {a.reader}` (reads {'straight from the TIFF tiles' if DIRECT else 'through OpenSlide'}"
+                 " on both sides)", ""]
         text += run_cohort_pair(name, a.repeat, a.slides)
     if a.scale:
         text += [f"Command: `.venv/bin/python benchmarks/bench_overhead.py --scale {' '.join(map(str, a.scale))}` "

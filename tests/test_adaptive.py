@@ -390,3 +390,13 @@ def test_adaptive_settings_key_the_stored_embeddings():
               "tiling.adaptive_coarse_first=false"):
         assert key(s) != base, s
     assert key("ray.chunk_tiles=3") == key("ray.max_slides_in_flight=2") == base
+
+
+def test_chunk_target_shares_a_pass_between_workers():
+    from zeus_ray.engine.passes import chunk_target
+    assert chunk_target(286, 256, 2, 64) == 143        # a slide's pass split over both workers
+    assert chunk_target(73, 256, 2, 64) == 64          # never below a batch
+    assert chunk_target(30, 256, 4, 16) == 16
+    assert chunk_target(5000, 256, 2, 64) == 256       # never above ray.chunk_tiles
+    assert chunk_target(286, 256, 1, 128) == 256       # one GPU actor: as before
+    assert chunk_target(0, 256, 2, 64) == 64

@@ -38,6 +38,7 @@ class InputConfig(_Section):
     default_mpp: float | None = Field(None, ge=MIN_PLAUSIBLE_MPP, le=MAX_PLAUSIBLE_MPP,
                                       description="level-0 µm/px for slides whose metadata gives none or an implausible one "
                                       "(after the objective power; a manifest `mpp` column beats it)")
+    reader: Literal["auto", "openslide"] = Field("auto", description="auto: tile pixels of Aperio SVS and generic tiled TIFF levels are decoded straight from the file's tiles (the same pixels as OpenSlide, several times faster); openslide: every read through OpenSlide's read_region")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every remote input read (manifest, glob, slides, annotations), e.g. {anon: true} for a public S3 bucket; {s3: {...}, gs: {...}} gives them per protocol. Credential values are never written to run.json")
 
     @model_validator(mode="after")
@@ -155,7 +156,7 @@ class RayConfig(_Section):
     num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one per encoder_cpus CPUs)")
     encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor (default: 1 per 8 CPUs of the largest node, at least 1)")
     fuse_read_encode: Literal["auto", "on", "off"] = Field("auto", description="auto: CPU encoders read their own tiles (no pixels through the object store) unless reader_resources pins reads elsewhere")
-    chunk_tiles: int = Field(256, gt=0, description="tiles per encoder call and per stored part")
+    chunk_tiles: int = Field(256, gt=0, description="most tiles per encoder job and stored part (a slide's pass is split smaller, down to a batch per worker, so every worker shares it)")
     max_slides_in_flight: int | None = Field(None, gt=0, description="slides planned but not finished at a time (default: 4 per encoder worker, at least 8)")
     reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
     encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")

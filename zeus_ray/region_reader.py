@@ -42,6 +42,7 @@ class Region:
     offsets: np.ndarray             # int64 (N, 2): each tile's (u, v) top-left in the resized region
     grid_rows: np.ndarray = field(repr=False)
     grid_cols: np.ndarray = field(repr=False)
+    origin: tuple[int, int]         # the integer level px at `location`: reads count read_size from it
 
     @property
     def n_tiles(self) -> int:
@@ -118,7 +119,7 @@ def plan_regions(tiles, grid: TileGrid, region_tiles: int, slide_id: str = "") -
             slide_id=slide_id, level=grid.level,
             location=(int(round_half_up(lx * ds)), int(round_half_up(ly * ds))),
             read_size=(rw, rh), out_size=(ow, oh), tile_ids=bi, offsets=np.stack([u, v], axis=1),
-            grid_rows=br, grid_cols=bc))
+            grid_rows=br, grid_cols=bc, origin=(lx, ly)))
     return regions
 
 
@@ -180,14 +181,19 @@ def region_rgb(img, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(_resize(arr, size)[..., :3])
 
 
-def read_region_tiles(slide, grid: TileGrid, region: Region,
-                      stats: ReadStats | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode `region` with one read_region, resize once, cut its tiles.
-    Returns (tile_ids int64 (N,), tiles uint8 (N, P, P, 3)). Decoding errors → SlideError."""
+def read_region_tiles(slide, grid: TileGrid, region: Region, stats: ReadStats | None = None,
+                      tiff=None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode `region` with one read (straight from the TIFF tiles when `tiff`, a
+    tiff_levels.TiffLevels, serves its level; else OpenSlide's read_region), resize once, cut its
+    tiles. Returns (tile_ids int64 (N,), tiles uint8 (N, P, P, 3)). Decoding errors → SlideError."""
     t0 = time.perf_counter()
-    with slide_read_errors(region.slide_id):
-        img = slide.read_region(region.location, region.level, region.read_size)
-    rgb = region_rgb(img, region.out_size)
+    if tiff is not None and tiff.has(region.level):
+        rgb = _resize(tiff.read(region.level, *region.origin, *region.read_size, slide_id=region.slide_id),
+                      region.out_size)
+    else:
+        with slide_read_errors(region.slide_id):
+            img = slide.read_region(region.location, region.level, region.read_size)
+        rgb = region_rgb(img, region.out_size)
     p = grid.patch_size
     need_w = int(region.offsets[:, 0].max()) + p
     need_h = int(region.offsets[:, 1].max()) + p

@@ -262,12 +262,18 @@ def open_slide(uri: str, slide_id: str, cache_cfg: CacheConfig | None = None,
                storage_options: dict | None = None):
     """Localise `uri` and open it with OpenSlide. Raises SlideError with reason `missing`,
     `remote`, `unsupported` or `unreadable`."""
+    return open_slide_file(uri, slide_id, cache_cfg, storage_options)[0]
+
+
+def open_slide_file(uri: str, slide_id: str, cache_cfg: CacheConfig | None = None,
+                    storage_options: dict | None = None):
+    """open_slide, and the local file OpenSlide opened (for tiff_levels' direct tile reads)."""
     import openslide   # here, not at the top: manifest and evaluation code import this module
     path = localise(uri, cache_cfg, slide_id, storage_options)
     if os.path.isdir(path):
         path = _dicom_file(path, slide_id)
     try:
-        return openslide.OpenSlide(path)
+        return openslide.OpenSlide(path), path
     except openslide.OpenSlideUnsupportedFormatError:
         raise SlideError(slide_id, f"{_redact(uri)} is not a slide OpenSlide can read ({_SUPPORTED})",
                          reason="unsupported") from None

@@ -62,9 +62,16 @@ class EngineStats:
             acc[1] += cpu
 
 
-def chunk_jobs(run: SlideRun, todo: np.ndarray, cfg, class_matrix) -> list[dict]:
+def chunk_target(n_tiles: int, chunk_tiles: int, workers: int, batch: int) -> int:
+    """Tiles per chunk: a pass of a slide is shared by every worker when it has a batch for each
+    (a slide's passes follow one another, and the cohort's last slides would otherwise leave
+    workers idle), never more than `ray.chunk_tiles` per chunk."""
+    return max(1, min(chunk_tiles, max(batch, -(-n_tiles // max(1, workers)))))
+
+
+def chunk_jobs(run: SlideRun, todo: np.ndarray, cfg, class_matrix, workers: int = 1, batch: int = 1) -> list[dict]:
     """The selected positions as encode jobs: regions (each decoded once) grouped into chunks of
-    about `ray.chunk_tiles` tiles, in row-major region order."""
+    about `chunk_target` tiles, in row-major region order."""
     rows, cols = np.nonzero(todo)
     want = rows * run.grid.n_cols + cols
     pos = np.searchsorted(run.tile_ids, want)
@@ -74,12 +81,14 @@ def chunk_jobs(run: SlideRun, todo: np.ndarray, cfg, class_matrix) -> list[dict]
     base = {"slide_id": run.entry.slide_id, "uri": run.entry.uri, "grid": run.grid, "n_cols": run.grid.n_cols,
             "pass": run.pass_no, "emb_dir": run.keys.emb_dir, "tiling_key": run.keys.tiling_key,
             "model_key": run.keys.model_key, "dtype": cfg.output.embedding_dtype,
+            "direct_tiff": cfg.input.reader == "auto",
             "class_matrix": class_matrix if run.state.sel.mode == "adaptive" else None}
+    target = chunk_target(len(want), cfg.ray.chunk_tiles, workers, batch)
     jobs, chunk, n = [], [], 0
     for r in regions:
         chunk.append(r)
         n += r.n_tiles
-        if n >= cfg.ray.chunk_tiles:
+        if n >= target:
             jobs.append(base | {"regions": chunk})
             chunk, n = [], 0
     if chunk:
@@ -187,7 +196,8 @@ class PassEngine:
             self.reduce_q.append((run.entry, info))
             return
         run.pass_no = p
-        jobs = chunk_jobs(run, todo, self.cfg, self.class_matrix)
+        plan = self.pool.plan_
+        jobs = chunk_jobs(run, todo, self.cfg, self.class_matrix, plan.n_workers, plan.batch_size)
         run.pending = len(jobs)
         self.encode_q.extend(jobs)
 

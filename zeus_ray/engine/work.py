@@ -112,41 +112,46 @@ def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> 
 
 # --- read and encode -----------------------------------------------------------------------------
 
-_HANDLES: dict = {}
-
-
-_TILE_CACHE: list = []
+_HANDLES: dict = {}     # uri → (OpenSlide, TiffLevels or None), most recently used last
 MAX_HANDLES = 8
-TILE_CACHE_BYTES = 32 << 20
 
 
 def _slide(job: dict, cache_cfg, storage_options):
-    """The job's slide, from a bounded per-worker cache of open handles. The handles share one
-    OpenSlide tile cache: each handle's own (32 MiB) would grow a worker by that much per slide,
-    and region reads decode each pixel about once anyway."""
+    """The job's slide and its direct TIFF reader (None where OpenSlide reads), from a bounded
+    per-worker cache of open handles. The handles share one OpenSlide tile cache (a cache per
+    handle would grow a worker by its size per slide); direct reads keep their own (tiff_levels)."""
     import openslide
 
-    from ..slide_access import open_slide
+    from ..slide_access import open_slide_file
+    from ..tiff_levels import TiffLevels
     uri = job["uri"]
-    slide = _HANDLES.pop(uri, None)
-    if slide is None:
+    handle = _HANDLES.pop(uri, None)
+    if handle is None:
         if len(_HANDLES) >= MAX_HANDLES:
-            _HANDLES.pop(next(iter(_HANDLES))).close()
-        slide = open_slide(uri, job["slide_id"], cache_cfg, storage_options)
+            slide, tiff = _HANDLES.pop(next(iter(_HANDLES)))
+            slide.close()
+            if tiff is not None:
+                tiff.close()
+        slide, path = open_slide_file(uri, job["slide_id"], cache_cfg, storage_options)
         if hasattr(openslide, "OpenSlideCache"):
             if not _TILE_CACHE:
                 _TILE_CACHE.append(openslide.OpenSlideCache(TILE_CACHE_BYTES))
             slide.set_cache(_TILE_CACHE[0])
-    _HANDLES[uri] = slide   # most recently used last
-    return slide
+        handle = (slide, TiffLevels.open(path, slide) if job.get("direct_tiff", True) else None)
+    _HANDLES[uri] = handle
+    return handle
+
+
+_TILE_CACHE: list = []
+TILE_CACHE_BYTES = 32 << 20   # one OpenSlide cache shared by the worker's handles
 
 
 def read_regions(job: dict, cache_cfg, storage_options=None):
     """Yield (tile_ids, uint8 tiles (n, P, P, 3)) region by region, each region decoded once."""
     from ..region_reader import read_region_tiles
-    slide = _slide(job, cache_cfg, storage_options)
+    slide, tiff = _slide(job, cache_cfg, storage_options)
     for r in job["regions"]:
-        yield read_region_tiles(slide, job["grid"], r)
+        yield read_region_tiles(slide, job["grid"], r, tiff=tiff)
 
 
 def _encode_stream(encoder, pieces, batch: int, t: dict):
