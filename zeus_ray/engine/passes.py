@@ -89,10 +89,10 @@ def chunk_jobs(run: SlideRun, todo: np.ndarray, cfg, class_matrix, workers: int 
         chunk.append(r)
         n += r.n_tiles
         if n >= target:
-            jobs.append(base | {"regions": chunk})
+            jobs.append(base | {"regions": chunk, "n_tiles": n})
             chunk, n = [], 0
     if chunk:
-        jobs.append(base | {"regions": chunk})
+        jobs.append(base | {"regions": chunk, "n_tiles": n})
     return jobs
 
 
@@ -129,32 +129,57 @@ class PassEngine:
             if rest:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
-                kind, sid = self.inflight.pop(ref)
+                kind, sids = self.inflight.pop(ref)
                 self.pool.release(ref)
                 try:
-                    rec = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - a worker lost beyond its retries: this slide only
+                    recs = ray.get(ref)
+                    recs = recs if isinstance(recs, list) else [recs]
+                except Exception as e:  # noqa: BLE001 - a worker lost beyond its retries: these slides only
                     cause = getattr(e, "cause", None) or e
-                    rec = {"slide_id": sid, "status": FAILED, "reason": "worker_lost",
-                           "message": f"slide {sid!r}: {kind} failed: {type(cause).__name__}: "
-                                      f"{str(cause).splitlines()[0] if str(cause) else ''}"}
-                getattr(self, f"_on_{kind}")(sid, rec)
+                    why = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                    recs = [{"slide_id": sid, "status": FAILED, "reason": "worker_lost",
+                             "message": f"slide {sid!r}: {kind} failed: {why}"} for sid in sids]
+                for sid, rec in zip(sids, recs):
+                    getattr(self, f"_on_{kind}")(sid, rec)
         return self.stats
+
+    def _encode_now(self) -> bool:
+        """Fused mode: send chunks that fill less than a batch only to a worker that would otherwise
+        wait; until then small chunks (biopsies, adaptive passes) gather into fuller batches."""
+        plan = self.pool.plan_
+        if not plan.fused or self.pool.idle():
+            return True
+        return sum(j["n_tiles"] for j in self.encode_q) >= plan.batch_size
+
+    def _take_encodes(self) -> list[dict]:
+        """The next encode call's chunks: one, or in fused mode several small ones (of any slides in
+        flight) up to this moment's chunk size, so their tiles share batches."""
+        jobs = [self.encode_q.popleft()]
+        plan = self.pool.plan_
+        if not plan.fused:
+            return jobs
+        queued = jobs[0]["n_tiles"] + sum(j["n_tiles"] for j in self.encode_q)
+        target = chunk_target(queued, self.cfg.ray.chunk_tiles, plan.n_workers, plan.batch_size)
+        n = jobs[0]["n_tiles"]
+        while self.encode_q and n + self.encode_q[0]["n_tiles"] <= target:
+            n += self.encode_q[0]["n_tiles"]
+            jobs.append(self.encode_q.popleft())
+        return jobs
 
     def _dispatch(self, plan_q: deque, limit: int) -> None:
         while True:
             if self.reduce_q and self.pool.can_task():
                 entry, info = self.reduce_q.popleft()
-                self.inflight[self.pool.reduce(self._reduce_job(entry, info))] = ("reduce", entry.slide_id)
-            elif self.encode_q and self.pool.can_encode():
-                job = self.encode_q.popleft()
-                self.inflight[self.pool.encode(job)] = ("encode", job["slide_id"])
+                self.inflight[self.pool.reduce(self._reduce_job(entry, info))] = ("reduce", (entry.slide_id,))
+            elif self.encode_q and self.pool.can_encode() and self._encode_now():
+                jobs = self._take_encodes()
+                self.inflight[self.pool.encode(jobs)] = ("encode", tuple(j["slide_id"] for j in jobs))
             elif plan_q and len(self.runs) < limit and self.pool.can_task():
                 e = plan_q.popleft()
                 self.runs[e.slide_id] = None          # reserved until its plan is in
                 cm = self.class_matrix if self.sel.mode == "adaptive" else None
                 ref = self.pool.plan(e.as_dict(), self.keys_of[e.slide_id], self.sources[e.slide_id], cm)
-                self.inflight[ref] = ("plan", e.slide_id)
+                self.inflight[ref] = ("plan", (e.slide_id,))
             else:
                 return
 

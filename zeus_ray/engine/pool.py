@@ -46,12 +46,14 @@ class EncodeWorker:
         return work.plan_work(self.store_root, entry, self.cfg, keys, source, class_matrix)
 
     def encode(self, job, *read) -> dict:
-        """Encode one chunk: read here (fused) or from reader tasks' results (split)."""
-        tiles = None
-        if read:   # regions from the object store, encoded as they come (no concatenated copy)
-            tiles = [(ids, images) for ids, images, _ in read]
-            job = job | {"read_node": read[0][2]}
-        return work.encode_work(self.encoder, self.store, job, tiles, self.cfg.cache, self.opts)
+        """Split mode: encode one chunk from reader tasks' results (regions from the object store,
+        encoded as they come, no concatenated copy)."""
+        tiles = [(ids, images) for ids, images, _ in read]
+        return work.encode_work(self.encoder, self.store, job | {"read_node": read[0][2]}, tiles)
+
+    def encode_jobs(self, jobs) -> list:
+        """Fused mode: read and encode chunks (of one or several slides) in shared batches."""
+        return work.encode_jobs(self.encoder, self.store, jobs, self.cfg.cache, self.opts)
 
     def reduce(self, job) -> dict:
         return work.reduce_work(self.store_root, job)
@@ -111,6 +113,10 @@ class Pool:
     def can_encode(self) -> bool:
         return self._free_actor(FUSED_DEPTH if self.plan_.fused else SPLIT_DEPTH) is not None
 
+    def idle(self) -> bool:
+        """An actor has nothing queued."""
+        return 0 in self.load
+
     def can_task(self) -> bool:
         """Room for a plan or reduce."""
         if self.plan_.fused:
@@ -149,9 +155,11 @@ class Pool:
             return self._to_actor("plan", entry, keys, source, class_matrix)
         return self._to_task(self.plan_task, self.store_root, entry, self.cfg, keys, source, class_matrix)
 
-    def encode(self, job):
+    def encode(self, jobs: list):
+        """Fused: any number of chunks in one call; split: one chunk (its regions read by tasks)."""
         if self.plan_.fused:
-            return self._to_actor("encode", job)
+            return self._to_actor("encode_jobs", jobs)
+        (job,) = jobs
         opts = getattr(self.cfg.input, "storage_options", None)
         reads = [self.read.remote({**job, "regions": [r], "class_matrix": None}, self.cfg.cache, opts)
                  for r in job["regions"]]

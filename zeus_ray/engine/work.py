@@ -178,21 +178,55 @@ def _encode_stream(encoder, pieces, batch: int, t: dict):
             n = 0
     if buf:
         flush()
+    if not ids:
+        return None, None
     return np.concatenate(ids), np.concatenate(emb)
 
 
-def encode_work(encoder, store: OutputStore, job: dict, tiles=None, cache_cfg=None, storage_options=None) -> dict:
-    """Encode one chunk (its regions read here, or `tiles`: (ids, images) pieces read by reader
-    tasks), write its part, return the record: tile count, the part, and in adaptive mode
-    (job["class_matrix"]) the chunk's tile ids and class scores for the next selection."""
+def encode_jobs(encoder, store: OutputStore, jobs: list, cache_cfg=None, storage_options=None) -> list[dict]:
+    """Encode chunks (fused mode: their regions read here) in shared batches, then write each
+    chunk's part; one record per chunk (see `encode_work`). The small chunks of adaptive passes and
+    of biopsies fill batches together: a partial batch costs more per tile than a full one. A chunk
+    whose slide cannot be read fails alone."""
+    t: dict = {}
+    node = node_id()
+    recs = [{"slide_id": j["slide_id"], "pass": j["pass"], "timing": {}, "encode_node": node, "read_node": node}
+            for j in jobs]
+    recs[0]["timing"] = t
+    errors: dict = {}
+
+    def pieces():   # (job index, tile id) pairs and tiles, job after job
+        for k, job in enumerate(jobs):
+            try:
+                for ids, images in read_regions(job, cache_cfg, storage_options):
+                    yield np.stack([np.full(len(ids), k), ids], axis=1), images
+            except Exception as e:  # noqa: BLE001 - this chunk's slide fails, the others go on
+                errors[k] = e
+    try:
+        keys, emb = _encode_stream(encoder, pieces(), getattr(encoder, "batch_size", 64), t)
+    except Exception as e:  # noqa: BLE001 - the encoder failed: every chunk of the call fails
+        return [rec | failure(rec["slide_id"], e) | {"n": 0} for rec in recs]
+    if keys is None:   # nothing was read
+        keys, emb = np.empty((0, 2), np.int64), None
+    out = []
+    for k, (job, rec) in enumerate(zip(jobs, recs)):
+        if k in errors:
+            out.append(rec | failure(job["slide_id"], errors[k]) | {"n": 0})
+            continue
+        mine = keys[:, 0] == k
+        if not mine.any():
+            out.append(rec | {"status": FAILED, "n": 0, "reason": "error",
+                              "message": f"slide {job['slide_id']!r}: no tiles were read for a chunk"})
+            continue
+        out.append(_write_part(store, job, rec, keys[mine, 1], emb[mine], t))
+    return out
+
+
+def _write_part(store: OutputStore, job: dict, rec: dict, ids: np.ndarray, emb: np.ndarray, t: dict) -> dict:
+    """Write one chunk's part and complete its record (+ class scores in adaptive mode)."""
     from ..slide_reduce import cosine_scores
     sid = job["slide_id"]
-    t: dict = {}
-    rec = {"slide_id": sid, "pass": job["pass"], "timing": t, "encode_node": node_id()}
     try:
-        pieces = read_regions(job, cache_cfg, storage_options) if tiles is None else tiles
-        rec["read_node"] = rec["encode_node"] if tiles is None else job.get("read_node")
-        ids, emb = _encode_stream(encoder, pieces, getattr(encoder, "batch_size", 64), t)
         with timed(t, "write"):
             order = np.argsort(ids)
             ids = ids[order]
@@ -201,12 +235,26 @@ def encode_work(encoder, store: OutputStore, job: dict, tiles=None, cache_cfg=No
             path = f"{job['emb_dir']}/{part_name(job['pass'], ids[0])}"
             store.write_parquet(path, part_table(sid, ids, job["n_cols"], job["pass"], emb, job["tiling_key"],
                                                  job["model_key"], job["dtype"]))
-        rec |= {"status": OK, "n": len(ids), "part": path, "tile_ids": ids}
+        rec = rec | {"status": OK, "n": len(ids), "part": path, "tile_ids": ids}
         if job.get("class_matrix") is not None:
             rec["scores"] = cosine_scores(emb, job["class_matrix"])
         return rec
     except Exception as e:  # noqa: BLE001 - this slide fails, the cohort goes on
         return rec | failure(sid, e) | {"n": 0}
+
+
+def encode_work(encoder, store: OutputStore, job: dict, tiles, cache_cfg=None, storage_options=None) -> dict:
+    """Split mode: encode one chunk whose (ids, images) pieces were read by reader tasks, write its
+    part, return the record: tile count, the part, and in adaptive mode (job["class_matrix"]) the
+    chunk's tile ids and class scores for the next selection."""
+    t: dict = {}
+    rec = {"slide_id": job["slide_id"], "pass": job["pass"], "timing": t, "encode_node": node_id(),
+           "read_node": job.get("read_node")}
+    try:
+        ids, emb = _encode_stream(encoder, tiles, getattr(encoder, "batch_size", 64), t)
+    except Exception as e:  # noqa: BLE001 - this slide fails, the cohort goes on
+        return rec | failure(job["slide_id"], e) | {"n": 0}
+    return _write_part(store, job, rec, ids, emb, t)
 
 
 # --- reduce --------------------------------------------------------------------------------------
