@@ -44,8 +44,8 @@ def slides(tmp_path_factory):
 
 def test_chunks_of_several_slides_share_batches_not_tiles(encoder, slides, slides_dir, tmp_path):
     store = OutputStore(str(tmp_path / "out"))
-    jobs = [job_for(p, f"s{i}", 0.5, f"emb/s{i}") for i, p in enumerate(slides)]
-    bad = job_for(slides_dir / "unreadable.svs", "bad", 0.499, "emb/bad",
+    jobs = [job_for(p, f"s{i}", 0.5, store.path("emb", f"s{i}")) for i, p in enumerate(slides)]
+    bad = job_for(slides_dir / "unreadable.svs", "bad", 0.499, store.path("emb", "bad"),
                   TissueMask(mask=np.ones((1, 1), np.uint8), mpp=8.0), min_fraction=0.0)
     assert bad["n_tiles"] == 1
     sizes = [j["n_tiles"] for j in jobs]
@@ -60,8 +60,10 @@ def test_chunks_of_several_slides_share_batches_not_tiles(encoder, slides, slide
         ids, _, emb = read_parts(store, job["emb_dir"])
         np.testing.assert_array_equal(ids, want)
         # The same tiles encoded on their own (one chunk per call) give the same embeddings.
-        alone = work.encode_jobs(encoder, OutputStore(str(tmp_path / f"alone-{job['slide_id']}")), [job])[0]
-        ids_a, _, emb_a = read_parts(OutputStore(str(tmp_path / f"alone-{job['slide_id']}")), job["emb_dir"])
+        solo = OutputStore(str(tmp_path / f"alone-{job['slide_id']}"))
+        job_a = job | {"emb_dir": solo.path("emb", job["slide_id"])}
+        alone = work.encode_jobs(encoder, solo, [job_a])[0]
+        ids_a, _, emb_a = read_parts(solo, job_a["emb_dir"])
         assert alone["status"] == OK
         np.testing.assert_array_equal(ids_a, ids)
         np.testing.assert_allclose(emb, emb_a, atol=1e-5)

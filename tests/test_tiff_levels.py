@@ -75,6 +75,24 @@ def test_synthetic_pyramid_every_level(pyramid):
     compare_random_regions(pyramid, [0, 1, 2], n=10)                             # YCbCr JPEG, ds 1/4/16
 
 
+@pytest.mark.parametrize("thumb_mpp, block_px", [(2.0, 4096), (2.0, 256), (8.0, 4096), (0.5, 1024)])
+def test_thumbnails_and_previews_match_openslide(pyramid, slides_dir, thumb_mpp, block_px):
+    """read_thumbnail with the direct reader (previews, tiles_stage.read_preview) gives OpenSlide's
+    thumbnail, also when read in blocks (block edges inside the level) and over the slide's edge."""
+    class DirectOnly(openslide.OpenSlide):   # the direct reader must do every read here
+        def read_region(self, *args):
+            raise AssertionError("read through OpenSlide")
+
+    for path, mpp0 in ((pyramid, 0.5), (slides_dir / "CMU-1-Small-Region.svs", 0.499)):
+        want, _ = read_thumbnail(openslide.OpenSlide(str(path)), mpp0, thumb_mpp, block_px)
+        slide = DirectOnly(str(path))
+        tiff = TiffLevels.open(str(path), slide)
+        got, _ = read_thumbnail(slide, mpp0, thumb_mpp, block_px, tiff=tiff, slide_id="s")
+        assert got.shape == want.shape and got.shape[0] > 8
+        np.testing.assert_array_equal(got, want, err_msg=f"{Path(path).name} at {thumb_mpp} µm/px, blocks {block_px}")
+        tiff.close()
+
+
 def test_generic_tiled_tiff(tmp_path):
     rng = np.random.default_rng(3)
     img = np.repeat(np.repeat((rng.random((250, 325, 3)) * 255).astype(np.uint8), 4, 0), 4, 1)

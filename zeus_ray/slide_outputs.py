@@ -76,10 +76,11 @@ def load_preview(store: OutputStore, *dirs: str) -> tuple[np.ndarray, float] | N
     return np.ascontiguousarray(rgb), mpp
 
 
-def ensure_preview(store: OutputStore, job: dict, grid, long_px: int) -> None:
+def ensure_preview(store: OutputStore, job: dict, grid, long_px: int) -> tuple[np.ndarray, float] | None:
     """For a small slide (a biopsy) whose tissue thumbnail is under a third of a `long_px` preview
     on its long side, read a finer picture (local slides only: a bucket slide is not fetched again
-    for a preview) and store it as preview_<mpp>mpp.jpg beside the results (later redraws use it).
+    for a preview) and store it as preview_<mpp>mpp.jpg beside the results (later redraws use it);
+    returns it with its µm/px, or None when the stored pictures will do.
     Larger slides keep the thumbnail: a finer read costs more than the rest of their reduce."""
     keys, entry = job["keys"], job["entry"]
     found = _previews(store, keys.res_dir, keys.tiles_dir)
@@ -87,13 +88,15 @@ def ensure_preview(store: OutputStore, job: dict, grid, long_px: int) -> None:
     want = max(side_um / long_px, PREVIEW_MIN_MPP, grid.mpp0)
     if (not found or side_um / found[0][0] >= long_px / 3 or want >= found[0][0] / 1.5
             or "://" in entry["uri"]):
-        return
+        return None
     from .tiles_stage import mpp_label, read_preview
     try:
         rgb, mpp = read_preview(entry["uri"], entry["slide_id"], None, grid.mpp0, long_px, PREVIEW_MIN_MPP)
         store.write_bytes(f"{keys.res_dir}/preview_{mpp_label(mpp)}mpp.jpg", jpeg_bytes(rgb))
+        return rgb, mpp
     except Exception as e:  # noqa: BLE001 - the preview is a view: the thumbnail will do
         log.info("slide %s: no finer preview (%s)", entry["slide_id"], e)
+        return None
 
 
 def preview(store: OutputStore, res: str, tiles_dir: str, long_px: int) -> tuple[np.ndarray, float] | None:
@@ -111,9 +114,10 @@ def preview(store: OutputStore, res: str, tiles_dir: str, long_px: int) -> tuple
 
 
 def draw_overlay(store: OutputStore, res: str, tiles_dir: str, title: str, tumour, tissue, truth, dice,
-                 cell_um: float, long_px: int) -> tuple[np.ndarray, float] | None:
-    """overlay.jpg: tissue, prediction and ground-truth contours and the Dice over the preview."""
-    pv = preview(store, res, tiles_dir, long_px)
+                 cell_um: float, long_px: int, pv=None) -> tuple[np.ndarray, float] | None:
+    """overlay.jpg: tissue, prediction and ground-truth contours and the Dice over the preview
+    (`pv`: (rgb, µm/px) just read, else the stored picture)."""
+    pv = pv or preview(store, res, tiles_dir, long_px)
     if pv is not None:
         rgb, mpp = pv
         store.write_bytes(f"{res}/overlay.jpg", jpeg_bytes(overlay_png(rgb, tissue, tumour, truth, dice,
@@ -211,9 +215,9 @@ def write_outputs(store: OutputStore, job: dict, sg, *, maps, counts, labels, pr
             out["annotation_error"] = str(e)
 
     long_px = int(out_cfg.get("preview_px", 1024))
-    ensure_preview(store, job, grid, long_px)
+    fresh = ensure_preview(store, job, grid, long_px)
     pv = draw_overlay(store, res, keys.tiles_dir, entry["slide_id"], tumour, tissue, truth, out.get("dice"),
-                      cell_um, long_px)
+                      cell_um, long_px, fresh)
     if pv is not None and out_cfg.get("heatmaps"):
         rgb, mpp = pv
         inside = lambda a: np.where(tissue, a, np.nan)  # noqa: E731 - heat-maps only over tissue

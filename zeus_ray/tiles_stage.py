@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .magnification import LevelChoice, check_tile_budget, check_upsampling, choose_level, resolve_mpp
-from .slide_access import fingerprint, localise, open_slide, slide_read_errors
+from .slide_access import fingerprint, localise, open_slide, open_slide_file, slide_read_errors
 from .keys import TILING_VERSION
 from .store import check_slide_id, stable_hash
 from .tiling import TileGrid, make_grid, tile_origins, tile_table
@@ -118,13 +118,20 @@ def plan_slide(uri: str, slide_id: str, cfg: JobConfig, mpp_override: float | No
 def read_preview(uri: str, slide_id: str, cache_cfg, mpp0: float, long_px: int,
                  min_mpp: float = 0.0, storage_options: dict | None = None) -> tuple[np.ndarray, float]:
     """An RGB picture of the whole slide with about `long_px` px on its long side, never finer than
-    `min_mpp` µm/px nor level 0 (for previews finer than the tissue thumbnail)."""
-    slide = open_slide(uri, slide_id, cache_cfg, storage_options)
+    `min_mpp` µm/px nor level 0 (for previews finer than the tissue thumbnail). Aperio and generic
+    TIFF levels are decoded straight from the file (tiff_levels), as tiles are."""
+    from .tiff_levels import TiffLevels
+    slide, path = open_slide_file(uri, slide_id, cache_cfg, storage_options)
+    tiff = None
     try:
+        tiff = TiffLevels.open(path, slide)
         w, h = slide.dimensions
         with slide_read_errors(slide_id):
-            return read_thumbnail(slide, mpp0, max(max(w, h) * mpp0 / long_px, min_mpp, mpp0))
+            return read_thumbnail(slide, mpp0, max(max(w, h) * mpp0 / long_px, min_mpp, mpp0), tiff=tiff,
+                                  slide_id=slide_id)
     finally:
+        if tiff is not None:
+            tiff.close()
         slide.close()
 
 
