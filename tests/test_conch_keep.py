@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from _checkpoints import (layout, make_conch_tokenizer, make_keep_tokenizer_dir, write_conch_checkpoint,
                           write_keep_checkpoint)
 
-from zeus_ray.encoders.checkpoint import load_state_dict_file, strict_load
+from zeus_ray.encoders.checkpoint import build_loaded, load_state_dict_file, strict_load
 from zeus_ray.encoders.conch import (CONCH_OPTIONAL_PREFIXES, CONCH_RELEASE_OMITS, ConchTokenizer, build_conch,
                                      load_conch_weights)
-from zeus_ray.encoders.keep import KeepTokenizer, build_keep, load_keep_weights
+from zeus_ray.encoders.keep import KeepTokenizer, build_keep, keep_buffers, load_keep_weights
 from zeus_ray.errors import WeightsError
 
 
@@ -112,6 +112,59 @@ def test_keep_safetensors_round_trip(tmp_path, layerscale):
     mask = (ids != 0).long()
     assert torch.equal(fresh.encode_image(x), original.encode_image(x))
     assert torch.equal(fresh.encode_text(ids, mask), original.encode_text(ids, mask))
+
+
+def _no_meta(model):
+    return not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["release", "no_caption", "float16"])
+def test_conch_built_without_random_init(conch_ckpt, variant):
+    """build_loaded (what `zeus run` uses) takes the checkpoint's tensors without a random init
+    first, and encodes exactly as a model initialised and then loaded."""
+    path, original = conch_ckpt
+    sd = load_state_dict_file(path)
+    if variant == "no_caption":
+        sd = {k: v for k, v in sd.items() if not k.startswith(CONCH_OPTIONAL_PREFIXES)}
+    if variant == "float16":
+        sd = {k: v.half() for k, v in sd.items()}
+    want = build_conch(tiny=True).eval()
+    load_conch_weights(want, sd)
+    got = build_loaded(lambda: build_conch(tiny=True), load_conch_weights, sd, source=str(path)).eval()
+    assert _no_meta(got) and all(p.dtype == torch.float32 for p in got.parameters())
+    if variant == "release":   # the checkpoint's own tensors, not copies: no fallback build ran
+        assert got.visual.trunk.norm.weight.data_ptr() == sd["visual.trunk.norm.weight"].data_ptr()
+    if variant == "no_caption":
+        assert all(not v.any() for k, v in got.state_dict().items() if k.startswith(CONCH_OPTIONAL_PREFIXES))
+    x, ids = _images(2, 64), _ids(2, 128, 512)
+    assert torch.equal(got.encode_image(x), want.encode_image(x))
+    assert torch.equal(got.encode_text(ids), want.encode_text(ids))
+    if variant != "float16":
+        assert torch.equal(got.encode_image(x), original.encode_image(x))
+
+
+@torch.no_grad()
+def test_keep_built_without_random_init(keep_ckpt):
+    path, original = keep_ckpt
+    sd = load_state_dict_file(path)
+    got = build_loaded(lambda: build_keep(tiny=True), load_keep_weights, sd, source=str(path),
+                       buffers=keep_buffers).eval()
+    assert _no_meta(got)
+    ref = dict(original.text.embeddings.named_buffers())
+    for name, buf in got.text.embeddings.named_buffers():   # BERT's non-persistent buffers
+        assert torch.equal(buf, ref[name]) and buf.dtype == ref[name].dtype
+    key = "visual.blocks.0.attn.qkv.weight"
+    assert got.visual.blocks[0].attn.qkv.weight.data_ptr() == sd[key].data_ptr()
+    x, ids = _images(2, 32), _ids(2, 256, 256)
+    mask = (ids != 0).long()
+    assert torch.equal(got.encode_image(x), original.encode_image(x))
+    assert torch.equal(got.encode_text(ids, mask), original.encode_text(ids, mask))
+    assert torch.equal(got.encode_text(ids), original.encode_text(ids))   # default token types
+    # Without the buffers the model cannot be used on the meta device: built the ordinary way.
+    plain = build_loaded(lambda: build_keep(tiny=True), load_keep_weights, sd).eval()
+    assert _no_meta(plain) and plain.visual.blocks[0].attn.qkv.weight.data_ptr() != sd[key].data_ptr()
+    assert torch.equal(plain.encode_text(ids, mask), original.encode_text(ids, mask))
 
 
 # --- (c) bad checkpoints are rejected with the key named ---------------------------------------

@@ -101,6 +101,15 @@ def build_keep(tiny: bool = False, config: KeepConfig | None = None) -> KeepMode
     return KeepModel(config or keep_config(tiny))
 
 
+def keep_buffers(model: KeepModel) -> None:
+    """The text tower's non-persistent buffers as transformers' BertEmbeddings makes them (position
+    ids 0..n-1, zero token types), for a KEEP built on the meta device (checkpoint.build_loaded)."""
+    emb = model.text.embeddings
+    ids = torch.arange(emb.position_embeddings.num_embeddings).expand((1, -1))
+    emb.register_buffer("position_ids", ids, persistent=False)
+    emb.register_buffer("token_type_ids", torch.zeros(ids.size(), dtype=torch.long), persistent=False)
+
+
 def load_keep_weights(model: KeepModel, state_dict: Mapping[str, Tensor], *, source: str | None = None,
                       assign: bool = False) -> LoadReport:
     """Strictly load a KEEP checkpoint (either LayerScale spelling; an old `position_ids` buffer)."""

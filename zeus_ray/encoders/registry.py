@@ -122,7 +122,7 @@ def _conch_tokenizer_lookup(cfg: ModelConfig) -> tuple[Path | None, str]:
 
 
 def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
-    from .checkpoint import load_state_dict_file
+    from .checkpoint import build_loaded, load_state_dict_file
     from .conch import ConchTokenizer, build_conch, load_conch_weights
 
     # A weights folder or bucket may hold the tokenizer too (zeus models fetch puts it there); the
@@ -130,8 +130,8 @@ def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder
     beside = {"tokenizer": CONCH_TOKENIZER_NAMES} if cfg.weights and not cfg.tokenizer else None
     files = resolve_weights(spec.id, cfg.weights, spec.weights_source, spec.extra["files"], beside,
                             how_to=_how_to(spec))
-    model = build_conch(tiny=rt.tiny)
-    load_conch_weights(model, load_state_dict_file(files["weights"]), source=str(files["weights"]))
+    model = build_loaded(lambda: build_conch(tiny=rt.tiny), load_conch_weights,
+                         load_state_dict_file(files["weights"]), source=str(files["weights"]))
     if rt.tiny:
         spec = _tiny_spec(spec, model.config.image_size, model.config.embed_dim)
     tok_path, tok_where = ((files.get("tokenizer"), str(files.get("tokenizer"))) if files.get("tokenizer")
@@ -155,13 +155,13 @@ def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder
 
 
 def _build_keep(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
-    from .checkpoint import load_state_dict_file
-    from .keep import KeepTokenizer, build_keep, load_keep_weights
+    from .checkpoint import build_loaded, load_state_dict_file
+    from .keep import KeepTokenizer, build_keep, keep_buffers, load_keep_weights
 
     files = resolve_weights(spec.id, cfg.weights, spec.weights_source, spec.extra["files"],
                             KEEP_TOKENIZER_FILES, how_to=_how_to(spec))
-    model = build_keep(tiny=rt.tiny)
-    load_keep_weights(model, load_state_dict_file(files["weights"]), source=str(files["weights"]))
+    model = build_loaded(lambda: build_keep(tiny=rt.tiny), load_keep_weights,
+                         load_state_dict_file(files["weights"]), source=str(files["weights"]), buffers=keep_buffers)
     if rt.tiny:
         spec = _tiny_spec(spec, model.config.image_size, model.config.embed_dim)
     tok_files = [p for role, p in files.files.items() if role in KEEP_TOKENIZER_FILES]
