@@ -69,3 +69,31 @@ def test_chunks_of_several_slides_share_batches_not_tiles(encoder, slides, slide
         np.testing.assert_allclose(emb, emb_a, atol=1e-5)
     assert not store.fs.exists(f"{store.root}/emb/bad")
     work._HANDLES.clear()
+
+
+class _Recording:
+    """The real encoder, with the size of every batch it is given recorded."""
+
+    def __init__(self, encoder):
+        self.encoder, self.batch_size, self.calls = encoder, encoder.batch_size, []
+
+    def encode_images(self, tiles):
+        self.calls.append(len(tiles))
+        return self.encoder.encode_images(tiles)
+
+
+def test_stream_encodes_full_batches_and_carries_the_rest(encoder):
+    """Pieces (regions) of uneven sizes fill whole batches; only the call's last batch is partial,
+    and every tile keeps its own embedding and id, in order."""
+    rng = np.random.default_rng(3)
+    sizes = [5, 7, 9, 3, 11]
+    pieces = [(np.arange(sum(sizes[:i]), sum(sizes[:i + 1])),
+               rng.integers(0, 255, (n, 448, 448, 3), dtype=np.uint8)) for i, n in enumerate(sizes)]
+    rec = _Recording(encoder)
+    ids, emb = work._encode_stream(rec, iter(pieces), rec.batch_size, {})
+    assert rec.batch_size == 8 and sum(rec.calls) == sum(sizes)
+    assert all(n % 8 == 0 for n in rec.calls[:-1]) and rec.calls[-1] == sum(sizes) % 8 == 3
+    np.testing.assert_array_equal(ids, np.arange(sum(sizes)))
+    alone = encoder.encode_images(np.concatenate([p[1] for p in pieces]))
+    np.testing.assert_allclose(emb, alone, atol=1e-5)
+    assert work._encode_stream(rec, iter([]), 8, {}) == (None, None)
