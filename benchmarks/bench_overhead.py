@@ -150,6 +150,19 @@ def zeus(manifest: Path, out: Path, *sets: str) -> dict:
             "cohort_seconds": run.get("cohort_seconds", {}), "phases": run.get("driver_seconds", {})}
 
 
+def ray_start_stop() -> float:
+    """Seconds to start and stop the local Ray `zeus run` starts, with nothing run on it (its start
+    includes prestarting one Python worker per CPU, which zeus's encoder actors then use)."""
+    import ray
+
+    from zeus_ray.config import load_config
+    from zeus_ray.engine.cluster import init_ray
+    t0 = time.perf_counter()
+    init_ray(load_config(None, []))
+    ray.shutdown()
+    return time.perf_counter() - t0
+
+
 def stage_table(z: dict) -> list[str]:
     rows = ["| stage | CPU ms per tile | wall ms per tile (summed over workers) |", "| --- | --- | --- |"]
     for stage, (wall, cpu) in sorted(z["timing"].items(), key=lambda kv: -kv[1][1]):
@@ -168,19 +181,21 @@ def run_cohort_pair(name: str, repeat: int, limit: int | None = None) -> list[st
         # CPU: the pool reads and encodes. GPU: the pipeline cannot beat reading alone on every core
         # (nor the encoder alone, measured by bench_gpu_encoder.py), so the pool only reads.
         tiles_p, wall_p = plain_pool(rows, procs, encode=DEVICE == "cpu")
+        fixed = ray_start_stop()
         z = zeus(folder / "manifest.csv", HERE / "_work" / f"overhead-out-{name}")
         assert z["tiles"] == tiles_p, (z["tiles"], tiles_p)
         ratio = (z["tiles"] / z["wall"]) / (tiles_p / wall_p)
         lines.append(f"| {i + 1} | {tiles_p} | {wall_p:.1f} s ({tiles_p / wall_p:.0f} tiles/s) | "
                      f"{z['wall']:.1f} s ({z['tiles'] / z['wall']:.0f} tiles/s) | **{ratio:.2f}** | "
                      f"{z['pss'] / 2**30:.2f} GiB | {z['bytes'] / z['slides'] / 1e6:.2f} MB | "
-                     f"{z['driver_rss'] / 2**20:.0f} MiB |")
+                     f"{z['driver_rss'] / 2**20:.0f} MiB | {fixed:.1f} s ({fixed / wall_p:.0%}) |")
         print(lines[-1], flush=True)
     head = [f"Cohort `{name}`: {n} synthetic 20x slides of {w} × {h} px ({tiles_p} tiles at 10x, 448 px, "
             f"stride 112); encoder `{MODEL}`, batch {BATCH}, CPU; plain pool: {procs} processes; zeus pool: "
             f"{z['pool']}.", "",
             "| run | tiles | plain pool | zeus run | ratio | zeus peak PSS (all processes) | written per slide | "
-            "driver peak RSS |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "driver peak RSS | local Ray started and stopped, nothing run (share of the plain pool's time) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     return head + lines + ["", f"zeus run's stages (run {repeat}), from the workers' own clocks:", ""] + \
         stage_table(z) + ["", "Driver phases (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in z["phases"].items()),
                           "", f"Report: {z['report_bytes'] / 1e6:.2f} MB; cohort tables and report: "
