@@ -12,6 +12,7 @@ process of the run (PSS), bytes written per slide, the driver's peak RSS.
 
     .venv/bin/python benchmarks/bench_overhead.py --cohort large --write    # 32 slides of 7200 × 5400
     .venv/bin/python benchmarks/bench_overhead.py --cohort small --write    # 400 slides of 2400 × 1800
+    .venv/bin/python benchmarks/bench_overhead.py --cohort large-128        # 128 slides of 7200 × 5400
     .venv/bin/python benchmarks/bench_overhead.py --scale 100 1000 --write  # driver RSS, 1,000 slides
 """
 from __future__ import annotations
@@ -34,7 +35,9 @@ sys.path.insert(0, str(HERE))
 from _overhead_cohort import FOLDER, make_overhead_cohort  # noqa: E402
 from _results import machine, replace_section  # noqa: E402
 
-COHORTS = {"large": (32, 7200, 5400, FOLDER), "small": (400, 2400, 1800, HERE / "_work" / "overhead-small")}
+# large-128: the large cohort four times over (the same slides and more), where Ray's fixed start weighs less.
+COHORTS = {"large": (32, 7200, 5400, FOLDER), "large-128": (128, 7200, 5400, FOLDER),
+           "small": (400, 2400, 1800, HERE / "_work" / "overhead-small")}
 MODEL, BATCH, DEVICE = "random:test_vit", 64, "cpu"
 DIRECT = True   # --reader auto: both sides read TIFF tiles directly; openslide: both through OpenSlide
 
