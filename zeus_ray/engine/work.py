@@ -156,9 +156,9 @@ def read_regions(job: dict, cache_cfg, storage_options=None):
 
 def _encode_stream(encoder, pieces, batch: int, t: dict):
     """Encode (ids, images) pieces in full batches of `batch` tiles as they come; the tiles past the
-    last full batch wait for the next piece, so only a call's last batch can be partial (on a CPU, a
-    batch of one tile costs about 1.5× as much per tile as a full one). At most a region and a batch
-    of pixels are held (not a whole chunk's: 256 tiles at 448 px are 150 MB)."""
+    last full batch wait for the next piece, so only a call's last batch can be partial (a batch of
+    a tile or two costs more per tile than a full one). At most a region and a batch of pixels are
+    held (not a whole chunk's: 256 tiles at 448 px are 150 MB)."""
     ids, emb, buf, n = [], [], [], 0
 
     def flush(k: int) -> None:   # encode the first k buffered tiles, keep the rest
