@@ -162,8 +162,8 @@ def _encode_stream(encoder, pieces, batch: int, t: dict):
     ids, emb, buf, n = [], [], [], 0
 
     def flush(k: int) -> None:   # encode the first k buffered tiles, keep the rest
-        images = np.concatenate(buf) if len(buf) > 1 else buf[0]
-        with timed(t, "encode"):
+        with timed(t, "encode"):   # the join into one batch (a copy) counts as encode
+            images = np.concatenate(buf) if len(buf) > 1 else buf[0]
             emb.append(encoder.encode_images(images[:k]))
         buf[:] = [images[k:]] if k < len(images) else []
 
