@@ -87,7 +87,7 @@ def scale_cohort() -> list[dict]:
 def write_cohort(specs: list[dict] | None = None) -> list[dict]:
     """Write the synthetic slides once (named by a hash of their spec)."""
     from shapely.ops import unary_union
-    from zeus_ray.synthetic import write_synthetic_slide
+    from zeus_ray.demo.synthetic import write_synthetic_slide
 
     entries = []
     for spec in synthetic_cohort() if specs is None else specs:

@@ -25,7 +25,7 @@ def make_overhead_cohort(n: int = 32, width: int = 7200, height: int = 5400, fol
     stopped run never leaves a half-written slide behind) and (re)write manifest.csv for slides 0..n-1.
     Returns their paths."""
     import openslide
-    from zeus_ray.synthetic import write_synthetic_slide
+    from zeus_ray.demo.synthetic import write_synthetic_slide
 
     def current(path: Path) -> bool:
         if not path.exists():

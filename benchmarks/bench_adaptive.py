@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 from _adaptive_slides import WORK, scale_cohort, slide_entries, write_cohort  # noqa: E402
 from _results import machine, replace_section  # noqa: E402
 
-from zeus_ray.selection import PassState, Selection, cell_maps, converge  # noqa: E402
+from zeus_ray.maps.selection import PassState, Selection, cell_maps, converge  # noqa: E402
 from zeus_ray.config import JobConfig, ModelConfig  # noqa: E402
-from zeus_ray.rasterise import argmax_mask, cell_geometry, grid_shape, resample_mask_to_grid  # noqa: E402
+from zeus_ray.maps.rasterise import argmax_mask, cell_geometry, grid_shape, resample_mask_to_grid  # noqa: E402
 
 PROMPTS = ROOT / "prompts" / "ai4skin-leiomyoma.yaml"
 SECTION = "## Adaptive overlap (issue #7)"
@@ -47,8 +47,8 @@ SECTION = "## Adaptive overlap (issue #7)"
 def encode_slide(entry: dict, cfg: JobConfig, encoder) -> dict:
     """Plan the slide, encode every kept tile once (cached as .npz with the seconds it took)."""
     import openslide
-    from zeus_ray.region_reader import plan_regions, read_region_tiles
-    from zeus_ray.tiles_stage import plan_slide
+    from zeus_ray.slides.region_reader import plan_regions, read_region_tiles
+    from zeus_ray.slides.planning import plan_slide
 
     plan = plan_slide(entry["uri"], entry["slide_id"], cfg, entry["mpp"])
     model = encoder.model_key.replace(":", "_")
@@ -151,7 +151,7 @@ def main() -> None:
 
     from zeus_ray.encoders.registry import load_encoder
     from zeus_ray.prompts import class_embeddings, load_prompt_set
-    from zeus_ray.slide_reduce import cosine_scores
+    from zeus_ray.results.reduce import cosine_scores
 
     t_start = time.perf_counter()
     encoder = load_encoder(ModelConfig(id=args.model, device="cpu", dtype=args.dtype, batch_size=args.batch))
@@ -186,7 +186,7 @@ def write_report(args, slides, grid, summ, best, prompts, tumour, seconds, scale
     names = [s["entry"]["slide_id"] for s in slides]
     enc_s = [s["seconds"] for s in slides]
     lines = [SECTION, "",
-             "Adaptive mode (`zeus_ray/selection.py`, the selection `zeus run` executes) against full overlap, same slides, same encoder. Every kept "
+             "Adaptive mode (`zeus_ray/maps/selection.py`, the selection `zeus run` executes) against full overlap, same slides, same encoder. Every kept "
              "tile is encoded once (full overlap); the adaptive mode is simulated by revealing those scores only "
              "for the positions it asks for (exact: a tile's embedding does not depend on other tiles).", "",
              f"- Command: `cd /work/main && .venv/bin/python benchmarks/bench_adaptive.py "

@@ -114,7 +114,7 @@ def main() -> None:
         "",
         f"Worker read CPU, adaptive / full (pair 1): {read_ratio:.2f}. Reading does not shrink with the encoded "
         "fraction: the first pass (the non-overlapping grid) touches every block of tissue; only encoding "
-        "scales with the fraction. Reads decode the TIFF tiles directly (`input.reader: auto`, zeus_ray/tiff_levels.py).",
+        "scales with the fraction. Reads decode the TIFF tiles directly (`input.reader: auto`, zeus_ray/slides/tiff_levels.py).",
         "",
     ])
     print(text)

@@ -75,9 +75,9 @@ def _slide(row) -> int:
     import numpy as np
     import openslide
     from zeus_ray.config import JobConfig
-    from zeus_ray.region_reader import plan_regions, read_region_tiles
-    from zeus_ray.tiff_levels import TiffLevels
-    from zeus_ray.tiles_stage import plan_slide
+    from zeus_ray.slides.region_reader import plan_regions, read_region_tiles
+    from zeus_ray.slides.tiff_levels import TiffLevels
+    from zeus_ray.slides.planning import plan_slide
     sid, uri = row
     plan = plan_slide(uri, sid, JobConfig())
     slide = openslide.OpenSlide(uri)

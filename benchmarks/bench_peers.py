@@ -89,7 +89,7 @@ def run_peer(script: str, *args: str) -> dict:
 def plan_zeus(rows) -> dict:
     """zeus_ray's planning under the same protocol, in this process."""
     from zeus_ray.config import load_config
-    from zeus_ray.tiles_stage import plan_slide
+    from zeus_ray.slides.planning import plan_slide
 
     cfg = load_config(None, [f"tiling.magnification={10 / MPP:g}", f"tiling.patch_size={TILE_PX}",
                              f"tiling.overlap={1 - STRIDE_PX / TILE_PX:g}", f"tiling.min_tissue_fraction={MIN_TISSUE}"])
@@ -102,7 +102,7 @@ def plan_zeus(rows) -> dict:
         return plan.n_tiles, plan.tissue_area_mm2, len(plan.tissue.contours)
 
     res = time_slides(rows, plan_one)
-    return {"tool": "zeus_ray", "version": zeus_version(), "what": "zeus_ray.tiles_stage.plan_slide",
+    return {"tool": "zeus_ray", "version": zeus_version(), "what": "zeus_ray.slides.planning.plan_slide",
             "settings": {"tiling": cfg.tiling.model_dump(include={"magnification", "patch_size", "overlap",
                                                                   "min_tissue_fraction"}),
                          "tissue": cfg.tissue.model_dump(), **info}, **res}

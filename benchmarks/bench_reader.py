@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zeus_ray.config import JobConfig  # noqa: E402
-from zeus_ray.region_reader import ReadStats, block_tiles, plan_regions, read_region_tiles, read_tile_naive  # noqa: E402
-from zeus_ray.synthetic import write_synthetic_slide  # noqa: E402
-from zeus_ray.tiles_stage import plan_slide  # noqa: E402
+from zeus_ray.slides.region_reader import ReadStats, block_tiles, plan_regions, read_region_tiles, read_tile_naive  # noqa: E402
+from zeus_ray.demo.synthetic import write_synthetic_slide  # noqa: E402
+from zeus_ray.slides.planning import plan_slide  # noqa: E402
 
 from _results import machine, replace_section  # noqa: E402
 
@@ -115,7 +115,7 @@ def bench_target(path: Path, target_mpp: float, region_tiles: list[int], n_naive
     rows = [f"| {g.target_mpp:g} | naive per-tile read_region, {naive['tiles']} random tiles | {naive['tiles']} | "
             f"{naive_rate:.0f} | 1.0 | {naive['decoded'] / naive['tiles'] / area:.2f} | "
             f"{naive['touched'] / naive['tiles'] / area:.2f} | {(g.patch_size / g.stride) ** 2:.0f} (interior) |"]
-    from zeus_ray.tiff_levels import TiffLevels
+    from zeus_ray.slides.tiff_levels import TiffLevels
     for r, direct in [(r, False) for r in region_tiles] + [(region_tiles[0], True)]:
         slide = openslide.OpenSlide(str(path))   # a fresh handle: a cold OpenSlide tile cache
         res = run_regions(slide, g, tiles, r, TiffLevels.open(str(path), slide) if direct else None)

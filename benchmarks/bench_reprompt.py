@@ -29,12 +29,12 @@ MODEL = "random:vit_tiny_patch16_224"
 
 def build_store(n_slides: int, n_tiles: int, dim: int) -> tuple[Path, object]:
     from zeus_ray.config import load_config
-    from zeus_ray.engine.parts import part_name, part_table
-    from zeus_ray.keys import slide_keys, tiling_key
-    from zeus_ray.store import OutputStore
-    from zeus_ray.tiles_stage import mpp_label
-    from zeus_ray.tiling import make_grid, tile_table
-    from zeus_ray.tissue import TissueMask
+    from zeus_ray.storage.parts import part_name, part_table
+    from zeus_ray.storage.keys import slide_keys, tiling_key
+    from zeus_ray.storage.store import OutputStore
+    from zeus_ray.slides.planning import mpp_label
+    from zeus_ray.slides.tiling import make_grid, tile_table
+    from zeus_ray.slides.tissue import TissueMask
 
     shutil.rmtree(WORK, ignore_errors=True)
     out = WORK / "store"

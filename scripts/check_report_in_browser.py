@@ -69,8 +69,8 @@ def screenshot_stats(png: Path) -> tuple[float, float]:
 
 def expected_counts(root: str, prompt_key: str) -> tuple[int, int]:
     """(ok slides, error rows) from the stored slides table."""
-    from zeus_ray.cohort import ERROR_STATUSES, cohort_dir
-    from zeus_ray.store import OutputStore
+    from zeus_ray.results.cohort_tables import ERROR_STATUSES, cohort_dir
+    from zeus_ray.storage.store import OutputStore
     store = OutputStore(root)
     df = store.read_parquet(f"{cohort_dir(store, prompt_key)}/slides.parquet").to_pandas()
     ann = df["annotation_error"].fillna("").astype(str).str.len().gt(0).sum() if "annotation_error" in df else 0
@@ -91,9 +91,9 @@ def main(argv=None) -> int:
     expect = None
     target = Path(args.target)
     if target.is_dir():
-        from zeus_ray.evaluate import resolve_prompt_key
-        from zeus_ray.report import write_report
-        from zeus_ray.store import OutputStore
+        from zeus_ray.results.evaluate import resolve_prompt_key
+        from zeus_ray.results.report import write_report
+        from zeus_ray.storage.store import OutputStore
         store = OutputStore(str(target))
         pk = resolve_prompt_key(store, args.prompt_key)
         report = Path(write_report(store, pk))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zeus_ray.demo import write_qupath_geojson
-from zeus_ray.synthetic import write_synthetic_slide
+from zeus_ray.demo.synthetic import write_synthetic_slide
 
 
 def make_cohort(folder: Path, n: int = 2, width: int = 2400, height: int = 1800, mpp: float = 0.5,

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from zeus_ray.selection import (PassState, Selection, cell_maps, converge, first_pass, next_pass, pass_step,
+from zeus_ray.maps.selection import (PassState, Selection, cell_maps, converge, first_pass, next_pass, pass_step,
                                 undecided_cells)
 from zeus_ray.errors import ConfigError
-from zeus_ray.rasterise import argmax_mask, cell_geometry, grid_shape
+from zeus_ray.maps.rasterise import argmax_mask, cell_geometry, grid_shape
 
 P, S = 4, 1   # the 448/112 geometry in cell units: 4 × 4 cells per tile, one cell per stride
 
@@ -97,8 +97,8 @@ def test_margin_inf_on_real_slide_tiles(slides_dir, name, mpp):
     """The real tile table and tissue mask of a slide (10x, 448/112), random scores: margin = inf
     encodes every kept tile and gives full overlap's mask."""
     from zeus_ray.config import JobConfig
-    from zeus_ray.rasterise import resample_mask_to_grid
-    from zeus_ray.tiles_stage import plan_slide
+    from zeus_ray.maps.rasterise import resample_mask_to_grid
+    from zeus_ray.slides.planning import plan_slide
 
     plan = plan_slide(str(slides_dir / name), "s", JobConfig(), mpp)
     g = plan.grid
@@ -380,7 +380,7 @@ def test_adaptive_settings_key_the_stored_embeddings():
     """Each selection setting stores its tiles apart (maps average the tiles encoded, so mixing
     settings would change results); pool settings change no selection and share them."""
     from zeus_ray.config import load_config
-    from zeus_ray.keys import tiling_key
+    from zeus_ray.storage.keys import tiling_key
 
     def key(*sets):
         return tiling_key(load_config(None, ["tiling.mode=adaptive", *sets]))

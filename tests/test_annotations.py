@@ -13,7 +13,7 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from zeus_ray.annotations import rasterise_annotation, rasterise_geometry, read_annotation
+from zeus_ray.truth.annotations import rasterise_annotation, rasterise_geometry, read_annotation
 from zeus_ray.errors import AnnotationError
 
 CELL0 = 10.5            # level-0 px per cell (deliberately not an integer)
@@ -172,7 +172,7 @@ def test_mask_on_the_grid_is_exact_and_labels_select(tmp_path):
 
 def test_pyramidal_tiff_mask_read_at_a_level_that_fits(tmp_path, monkeypatch):
     from zeus_ray import annotations
-    from zeus_ray.mask_export import write_pyramidal_tiff
+    from zeus_ray.results.export import write_pyramidal_tiff
     want = centres_inside(lesion(), GRID, CELL0)
     fine = np.repeat(np.repeat(want, 2, axis=0), 2, axis=1)     # downsample CELL0 / 2
     path = tmp_path / "pyr.tif"
@@ -308,7 +308,7 @@ def test_read_from_bucket(s3_bucket, lesion_files):
 
 # --- defaults a pathologist expects: tumour vocabulary, exclusions, left-out classes -----------------
 
-from zeus_ray.annotation_classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS  # noqa: E402
+from zeus_ray.truth.classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS  # noqa: E402
 from zeus_ray.config import EvaluationConfig  # noqa: E402
 
 NECROSIS = [(2500, 300), (3500, 300), (3500, 1200), (2500, 1200)]
@@ -425,7 +425,7 @@ def test_exclusion_cuts_what_it_overlaps_but_not_tumour_drawn_inside_it(tmp_path
 
 
 def test_left_out_line_once_per_slide(same_lesion, caplog):
-    with caplog.at_level(logging.INFO, logger="zeus_ray.annotations"):
+    with caplog.at_level(logging.INFO, logger="zeus_ray.truth.annotations"):
         read_annotation(same_lesion["asap"])
     lines = [r for r in caplog.records if "classes not counted as tumour" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO

@@ -13,9 +13,9 @@ from _checkpoints import make_conch_tokenizer, make_keep_tokenizer_dir, write_co
 from _cohort import make_cohort
 
 from zeus_ray.config import load_config
-from zeus_ray.doctor import cluster_lines, run_doctor, sample
+from zeus_ray.doctor.checks import cluster_lines, run_doctor, sample
 from zeus_ray.encoders.fetch import fetch_model
-from zeus_ray.synthetic import write_synthetic_slide
+from zeus_ray.demo.synthetic import write_synthetic_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "model.id=random:vit_tiny_patch16_224"

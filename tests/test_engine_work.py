@@ -9,13 +9,13 @@ from shapely.geometry import box
 from zeus_ray.config import ModelConfig, TissueConfig
 from zeus_ray.encoders.registry import load_encoder
 from zeus_ray.engine import work
-from zeus_ray.engine.parts import read_parts
-from zeus_ray.keys import FAILED, OK
-from zeus_ray.region_reader import plan_regions
-from zeus_ray.store import OutputStore
-from zeus_ray.synthetic import write_synthetic_slide
-from zeus_ray.tiling import make_grid, tile_table
-from zeus_ray.tissue import TissueMask, read_thumbnail, segment_tissue
+from zeus_ray.storage.parts import read_parts
+from zeus_ray.storage.keys import FAILED, OK
+from zeus_ray.slides.region_reader import plan_regions
+from zeus_ray.storage.store import OutputStore
+from zeus_ray.demo.synthetic import write_synthetic_slide
+from zeus_ray.slides.tiling import make_grid, tile_table
+from zeus_ray.slides.tissue import TissueMask, read_thumbnail, segment_tissue
 
 
 @pytest.fixture(scope="module")

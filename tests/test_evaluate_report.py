@@ -24,10 +24,10 @@ from shapely.geometry import Polygon
 
 from _cohort import job_config, make_cohort
 from zeus_ray.errors import ConfigError, ZeusError
-from zeus_ray.evaluate import evaluate_results, resolve_prompt_key
-from zeus_ray.metrics import format_mean_std
-from zeus_ray.report import build_report, write_report
-from zeus_ray.store import OutputStore
+from zeus_ray.results.evaluate import evaluate_results, resolve_prompt_key
+from zeus_ray.truth.metrics import format_mean_std
+from zeus_ray.results.report import build_report, write_report
+from zeus_ray.storage.store import OutputStore
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE_CENTRE = '<i>A&B</i>"'
@@ -316,8 +316,8 @@ def test_gallery_pages_large_cohorts(tmp_path):
     hides the other cards); every slide still has its card."""
     import pyarrow as pa
 
-    from zeus_ray.report import PAGE_SIZE, build_report
-    from zeus_ray.store import OutputStore
+    from zeus_ray.results.report import PAGE_SIZE, build_report
+    from zeus_ray.storage.store import OutputStore
     store = OutputStore(str(tmp_path))
     n = 2 * PAGE_SIZE + 7
     df = pd.DataFrame({"slide_id": [f"s{i:04d}" for i in range(n)], "status": "ok", "tiling_key": "k",

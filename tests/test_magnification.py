@@ -11,10 +11,10 @@ import tifffile
 
 from zeus_ray.config import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, JobConfig
 from zeus_ray.errors import SlideError
-from zeus_ray.magnification import (POSITIONS_PER_TILE_BUDGET, LevelChoice, check_tile_budget, check_upsampling,
+from zeus_ray.slides.magnification import (POSITIONS_PER_TILE_BUDGET, LevelChoice, check_tile_budget, check_upsampling,
                                     choose_level, resolve_mpp)
-from zeus_ray.synthetic import write_synthetic_slide
-from zeus_ray.tiles_stage import plan_slide
+from zeus_ray.demo.synthetic import write_synthetic_slide
+from zeus_ray.slides.planning import plan_slide
 
 from _dpi_tiff import write_dpi_tiff
 
@@ -125,7 +125,7 @@ def test_mild_upsampling_warns_and_strong_upsampling_fails(tmp_path, caplog):
     s = _slide(tmp_path, "coarse.svs", mpp=2.0, downsamples=(1, 2))     # a 5x scan
     c = choose_level(s, 2.0, 1.0)
     assert c.level == 0 and c.scale == pytest.approx(0.5) and c.upsampled
-    with caplog.at_level(logging.WARNING, logger="zeus_ray.magnification"):
+    with caplog.at_level(logging.WARNING, logger="zeus_ray.slides.magnification"):
         check_upsampling("coarse", c, "metadata", 2.0)                   # 5x read at 10x: allowed
         check_upsampling("coarse", choose_level(s, 2.0, 2.0), "metadata", 2.0)   # not upsampled
         check_upsampling("coarse", choose_level(s, 2.008, 1.0), "metadata", 2.0)  # a "5x" level at 2.008
@@ -187,7 +187,7 @@ def test_implausible_metadata_falls_back_to_objective_power(tmp_path, caplog):
     aperio = "Aperio Image Library v12.0.0\r\n512x512 [0,0 512x512] (256x256) JPEG Q=70|AppMag = {}|MPP = 352.8"
     s = openslide.OpenSlide(write_dpi_tiff(tmp_path / "a.svs", 72, description=aperio.format(20), size=512))
     assert s.properties["openslide.mpp-x"].startswith("352.8")
-    with caplog.at_level(logging.WARNING, logger="zeus_ray.magnification"):
+    with caplog.at_level(logging.WARNING, logger="zeus_ray.slides.magnification"):
         assert resolve_mpp(s, "a") == (pytest.approx(0.5), "objective-power")
     assert any("352.8 µm/px" in r.getMessage() and "objective power 20x" in r.getMessage() for r in caplog.records)
     # An objective power that gives an implausible µm/px is no better (0.1x = 100 µm/px).

@@ -3,8 +3,8 @@ import pytest
 
 from zeus_ray.config import InputConfig
 from zeus_ray.errors import ConfigError
-from zeus_ray.manifest import glob_slides, load_cohort, read_manifest
-from zeus_ray.store import OutputStore
+from zeus_ray.cohort_input.manifest import glob_slides, load_cohort, read_manifest
+from zeus_ray.storage.store import OutputStore
 
 
 def write(tmp_path, text, name="m.csv"):

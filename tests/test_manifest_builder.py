@@ -17,11 +17,11 @@ from PIL import Image
 
 from zeus_ray.config import CacheConfig, InputConfig
 from zeus_ray.errors import ZeusError
-from zeus_ray.manifest import load_cohort, read_manifest
-from zeus_ray.manifest_builder import build_manifest, check_output, write_manifest
-from zeus_ray.manifest_rules import field_rules, parse_rule, parse_storage_options, safe_slide_id
-from zeus_ray.slide_access import localise, open_slide
-from zeus_ray.synthetic import write_synthetic_slide
+from zeus_ray.cohort_input.manifest import load_cohort, read_manifest
+from zeus_ray.cohort_input.builder import build_manifest, check_output, write_manifest
+from zeus_ray.cohort_input.rules import field_rules, parse_rule, parse_storage_options, safe_slide_id
+from zeus_ray.slides.access import localise, open_slide
+from zeus_ray.demo.synthetic import write_synthetic_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "slide_id,uri,annotation_uri,dataset,center,mpp"

@@ -10,10 +10,10 @@ import pytest
 import shapely
 import shapely.affinity
 
-from zeus_ray.annotations import Annotation, rasterise_annotation, rasterise_geometry, read_annotation
-from zeus_ray.mask_export import (PRED_RGB, TRUTH_RGB, mask_to_geojson, mask_to_geometry, overlay_png,
+from zeus_ray.truth.annotations import Annotation, rasterise_annotation, rasterise_geometry, read_annotation
+from zeus_ray.results.export import (PRED_RGB, TRUTH_RGB, mask_to_geojson, mask_to_geometry, overlay_png,
                                   similarity_heatmap, write_png, write_pyramidal_tiff)
-from zeus_ray.metrics import segmentation_metrics
+from zeus_ray.truth.metrics import segmentation_metrics
 
 
 def shapes_mask():

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from zeus_ray.errors import ZeusError
-from zeus_ray.metrics import (cell_area_mm2, cohort_tables, format_mean_std, segmentation_metrics,
+from zeus_ray.truth.metrics import (cell_area_mm2, cohort_tables, format_mean_std, segmentation_metrics,
                               to_markdown, write_tables)
 
 

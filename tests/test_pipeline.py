@@ -277,7 +277,7 @@ def test_slides_and_outputs_in_s3(ray_local, s3_server, s3_bucket, slides_dir, t
 def test_prompt_ablation_from_cached_embeddings(full_run, cohort):
     from zeus_ray.commands.reprompt import reprompt_config
     from zeus_ray.encoders.registry import load_encoder
-    from zeus_ray.prompt_ablation import encode_prompts, run_ablation, variant_matrices, variants
+    from zeus_ray.engine.prompt_ablation import encode_prompts, run_ablation, variant_matrices, variants
     from zeus_ray.prompts import class_embeddings, load_prompt_set, parse_prompt_set
     out, _ = full_run
     cfg = reprompt_config(str(out), "prompts/ai4skin-leiomyoma.yaml", None, [], None)

@@ -11,8 +11,8 @@ import pytest
 
 from zeus_ray.config import config_reference, load_config
 from zeus_ray.errors import ConfigError
-from zeus_ray.metrics import segmentation_metrics
-from zeus_ray.postprocess import (apply_postprocess, metric_convention, postprocess_label, reference_kernel,
+from zeus_ray.truth.metrics import segmentation_metrics
+from zeus_ray.maps.postprocess import (apply_postprocess, metric_convention, postprocess_label, reference_kernel,
                                   reference_smoothing)
 
 CELL = 112          # µm per cell at 10x with 448/112 tiles (the reference's pixel: 1 µm)

@@ -12,12 +12,12 @@ import pytest
 import shapely
 from shapely.geometry import Polygon
 
-from zeus_ray.annotations import read_annotation
+from zeus_ray.truth.annotations import read_annotation
 from zeus_ray.config import load_config
 from zeus_ray.errors import AnnotationError, ConfigError, SlideError
-from zeus_ray.manifest import load_cohort
-from zeus_ray.slide_access import localise, open_slide
-from zeus_ray.synthetic import write_synthetic_slide
+from zeus_ray.cohort_input.manifest import load_cohort
+from zeus_ray.slides.access import localise, open_slide
+from zeus_ray.demo.synthetic import write_synthetic_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "camelyon16-keep.yaml"

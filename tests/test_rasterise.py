@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from zeus_ray.rasterise import (argmax_mask, average_maps, cell_geometry, grid_shape,
+from zeus_ray.maps.rasterise import (argmax_mask, average_maps, cell_geometry, grid_shape,
                                 resample_mask_to_grid, softmax_maps)
 
 

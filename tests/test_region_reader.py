@@ -10,12 +10,12 @@ from shapely.geometry import Point, box
 
 from zeus_ray.config import TissueConfig
 from zeus_ray.errors import SlideError
-from zeus_ray.magnification import choose_level
-from zeus_ray.region_reader import (MAX_REGION_PX, ReadStats, block_tiles, plan_regions, read_region_tiles,
+from zeus_ray.slides.magnification import choose_level
+from zeus_ray.slides.region_reader import (MAX_REGION_PX, ReadStats, block_tiles, plan_regions, read_region_tiles,
                                     read_tile_naive)
-from zeus_ray.synthetic import write_synthetic_slide
-from zeus_ray.tiling import grid_positions, make_grid, tile_table
-from zeus_ray.tissue import TissueMask, read_thumbnail, segment_tissue
+from zeus_ray.demo.synthetic import write_synthetic_slide
+from zeus_ray.slides.tiling import grid_positions, make_grid, tile_table
+from zeus_ray.slides.tissue import TissueMask, read_thumbnail, segment_tissue
 
 
 @pytest.fixture(scope="module")

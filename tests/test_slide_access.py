@@ -19,8 +19,8 @@ import pytest
 
 from zeus_ray.config import CacheConfig
 from zeus_ray.errors import SlideError
-from zeus_ray.slide_access import fingerprint, localise, open_slide, slide_read_errors
-from zeus_ray.synthetic import write_unsupported_tiff
+from zeus_ray.slides.access import fingerprint, localise, open_slide, slide_read_errors
+from zeus_ray.demo.synthetic import write_unsupported_tiff
 
 CMU = "CMU-1-Small-Region.svs"
 
@@ -114,7 +114,7 @@ def test_fingerprint_is_cheap_and_content_based(tmp_path, slides_dir):
 def test_s3_slide_is_fetched_once_and_reads_like_the_local_file(s3_server, s3_bucket, slides_dir, tmp_path, caplog):
     uri = _put(s3_server, s3_bucket, f"cohort/{CMU}", slides_dir / CMU)
     cfg = CacheConfig(dir=str(tmp_path / "cache"))
-    with caplog.at_level(logging.INFO, logger="zeus_ray.slide_access"):
+    with caplog.at_level(logging.INFO, logger="zeus_ray.slides.access"):
         path = localise(uri, cfg)
         st = os.stat(path)
         again = localise(uri, cfg)
@@ -198,7 +198,7 @@ def test_lru_eviction(s3_server, s3_bucket, tmp_path, caplog):
     assert os.path.exists(pb) and os.path.exists(pc) and not os.path.exists(pa)
     # The entry just fetched is kept even when it alone exceeds the limit.
     tiny = CacheConfig(dir=str(tmp_path / "tiny"), max_gb=0.5 * mb / 1e9)
-    with caplog.at_level(logging.WARNING, logger="zeus_ray.slide_access"):
+    with caplog.at_level(logging.WARNING, logger="zeus_ray.slides.access"):
         assert os.path.getsize(localise(a, tiny)) == mb
     assert any("raise cache.max_gb" in r.getMessage() for r in caplog.records)
 

@@ -12,7 +12,7 @@ import shapely
 import tifffile
 from shapely.geometry import Polygon, box, shape
 
-from zeus_ray.synthetic import BACKGROUND, write_synthetic_slide, write_unsupported_tiff
+from zeus_ray.demo.synthetic import BACKGROUND, write_synthetic_slide, write_unsupported_tiff
 
 
 def _patch(slide, level, x0, y0, size=32) -> np.ndarray:

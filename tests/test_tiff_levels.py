@@ -12,12 +12,12 @@ from shapely.geometry import Point, box
 from zeus_ray.config import JobConfig, TissueConfig
 from zeus_ray.engine import work
 from zeus_ray.errors import SlideError
-from zeus_ray.magnification import choose_level
-from zeus_ray.region_reader import plan_regions, read_region_tiles, region_rgb
-from zeus_ray.synthetic import write_synthetic_slide
-from zeus_ray.tiff_levels import TiffLevels
-from zeus_ray.tiling import make_grid, tile_table
-from zeus_ray.tissue import TissueMask, read_thumbnail, segment_tissue
+from zeus_ray.slides.magnification import choose_level
+from zeus_ray.slides.region_reader import plan_regions, read_region_tiles, region_rgb
+from zeus_ray.demo.synthetic import write_synthetic_slide
+from zeus_ray.slides.tiff_levels import TiffLevels
+from zeus_ray.slides.tiling import make_grid, tile_table
+from zeus_ray.slides.tissue import TissueMask, read_thumbnail, segment_tissue
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from shapely.geometry import MultiPolygon, Point, box
 
 from zeus_ray.cli import main
 from zeus_ray.errors import SlideError
-from zeus_ray.synthetic import write_synthetic_slide, write_unsupported_tiff
-from zeus_ray.tiling import grid_from_table_metadata
+from zeus_ray.demo.synthetic import write_synthetic_slide, write_unsupported_tiff
+from zeus_ray.slides.tiling import grid_from_table_metadata
 
 from _dpi_tiff import write_dpi_tiff
 

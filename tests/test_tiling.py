@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from zeus_ray.errors import ZeusError
-from zeus_ray.tissue import TissueMask
-from zeus_ray.tiling import (GRID_METADATA_KEY, TILES_SCHEMA, grid_from_table_metadata, grid_positions,
+from zeus_ray.slides.tissue import TissueMask
+from zeus_ray.slides.tiling import (GRID_METADATA_KEY, TILES_SCHEMA, grid_from_table_metadata, grid_positions,
                              make_grid, tile_origins, tile_table, tissue_fractions)
 
 

@@ -9,8 +9,8 @@ import pytest
 from shapely.geometry import Point, box
 
 from zeus_ray.config import TissueConfig
-from zeus_ray.synthetic import write_synthetic_slide
-from zeus_ray.tissue import read_thumbnail, segment_tissue
+from zeus_ray.demo.synthetic import write_synthetic_slide
+from zeus_ray.slides.tissue import read_thumbnail, segment_tissue
 
 PINK = (228, 156, 196)   # saturation ≈ 80
 WHITE = (242, 242, 242)

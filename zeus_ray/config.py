@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
-from .annotation_classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS
+from .truth.classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS
 from .errors import ConfigError
 
 # µm/px assumed for a nominal objective magnification when a slide has no mpp in its metadata:

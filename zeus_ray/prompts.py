@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, field_validator
 
 from .errors import PromptError
-from .store import stable_hash
+from .storage.store import stable_hash
 
 PLACEHOLDER = "CLASSNAME"
 # Bumped when the meaning of the key payload changes, so old results are never reused wrongly.

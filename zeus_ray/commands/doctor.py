@@ -28,7 +28,7 @@ def register(sub) -> None:
 def _run(args) -> int:
     import logging
 
-    from ..doctor import FAIL, run_doctor
+    from ..doctor.checks import FAIL, run_doctor
     if not args.debug:   # the check lines say it all; readers' INFO notes would interleave
         logging.getLogger("zeus_ray").setLevel(logging.WARNING)
     counts = run_doctor(args.config, args.overrides, args.address, args.sample,

@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from ..evaluate import evaluate_results
+    from ..results.evaluate import evaluate_results
     s = evaluate_results(args.results, args.prompt_key, args.annotations, args.overrides, report=not args.no_report)
     for sid, msg in s.errors_list:
         print(f"no metrics for {sid}: {msg}")

@@ -51,8 +51,8 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from ..manifest_builder import build_manifest, check_output, write_manifest
-    from ..manifest_rules import parse_storage_options
+    from ..cohort_input.builder import build_manifest, check_output, write_manifest
+    from ..cohort_input.rules import parse_storage_options
     options = parse_storage_options(args.storage_options)
     check_output(args.out, args.force, options)   # before a long scan
     build = build_manifest(args.sources, args.annotations, args.dataset_from, args.center_from, options)

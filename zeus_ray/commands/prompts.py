@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def _ablate(args) -> int:
-    from ..prompt_ablation import run_ablation, to_markdown
+    from ..engine.prompt_ablation import run_ablation, to_markdown
     from .reprompt import reprompt_config
     cfg = reprompt_config(args.results, args.prompts, args.model, args.overrides, None)
     per_slide, table, out = run_ablation(cfg)

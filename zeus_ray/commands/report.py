@@ -11,9 +11,9 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from ..evaluate import resolve_prompt_key
-    from ..report import write_report
-    from ..store import OutputStore
+    from ..results.evaluate import resolve_prompt_key
+    from ..results.report import write_report
+    from ..storage.store import OutputStore
     store = OutputStore(args.results)
     print(write_report(store, resolve_prompt_key(store, args.prompt_key), args.out))
     return 0

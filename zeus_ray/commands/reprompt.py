@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..cli import add_set_option
 from ..config import load_config
 from ..errors import ConfigError
-from ..store import OutputStore
+from ..storage.store import OutputStore
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 def stored_run_config(root: str, model_id: str | None = None) -> dict:
     """The config of the newest run under `root` (for `model_id` when given)."""
-    from ..evaluate import cohort_runs   # the one lookup of stored runs (newest first)
+    from ..results.evaluate import cohort_runs   # the one lookup of stored runs (newest first)
     store = OutputStore(root)
     for pk, _ in cohort_runs(store):
         info = store.read_json(store.path("cohort", pk, "run.json"))

@@ -34,8 +34,8 @@ def slide_id_from_uri(uri: str) -> str:
 
 
 def _run(args) -> int:
-    from ..store import check_slide_id
-    from ..tiles_stage import NO_TILES, NO_TISSUE, plan_slide, read_preview, write_tiles_outputs
+    from ..storage.store import check_slide_id
+    from ..slides.planning import NO_TILES, NO_TISSUE, plan_slide, read_preview, write_tiles_outputs
 
     if args.magnification is not None and args.target_mpp is not None:
         raise ConfigError("give --magnification or --target-mpp, not both")

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ZeusError
-from ..keys import FAILED, NO_TISSUE, OK, run_key, slide_keys, source_identity, tiling_key
-from ..manifest import load_cohort
+from ..storage.keys import FAILED, NO_TISSUE, OK, run_key, slide_keys, source_identity, tiling_key
+from ..cohort_input.manifest import load_cohort
 from ..prompts import load_prompt_set, prompt_key as make_prompt_key
-from ..store import OutputStore
+from ..storage.store import OutputStore
 from .cluster import PoolPlan, init_ray, pool_plan
 from .passes import PassEngine, status_row
 from .pool import Pool
@@ -162,7 +162,7 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases) -> Run
     summary.no_tissue = sum(1 for r in summary.rows if r["status"] == NO_TISSUE)
     summary.phases = phases
     summary.seconds = time.perf_counter() - t0
-    from ..cohort import write_cohort_outputs
+    from ..results.cohort_tables import write_cohort_outputs
     write_cohort_outputs(store, summary, cfg, prompt_set)
     return summary
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..keys import FAILED, OK
-from ..region_reader import plan_regions
-from ..selection import PassState, Selection
-from ..tiling import TileGrid
+from ..storage.keys import FAILED, OK
+from ..slides.region_reader import plan_regions
+from ..maps.selection import PassState, Selection
+from ..slides.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 

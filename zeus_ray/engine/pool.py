@@ -5,7 +5,7 @@ counts what is in flight so the driver can keep each worker busy without floodin
 """
 from __future__ import annotations
 
-from ..store import OutputStore
+from ..storage.store import OutputStore
 from . import work
 
 # Calls queued per encoder actor: one running, the next ones ready (their reads already running in

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..errors import ZeusError
-from ..keys import FAILED, NO_TISSUE, OK
-from ..store import OutputStore
-from .parts import part_name, part_table, read_parts
+from ..storage.keys import FAILED, NO_TISSUE, OK
+from ..storage.store import OutputStore
+from ..storage.parts import part_name, part_table, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def failure(sid: str, e: BaseException) -> dict:
 def ensure_tiles(store: OutputStore, entry: dict, cfg, tiles_dir: str, source):
     """The slide's tiles table, grid, status and tissue mask (array, µm/px): a complete tiles folder
     of the same slide file is reused, otherwise the slide is planned and its tiles unit committed."""
-    from ..slide_reduce import load_tissue_mask
-    from ..tiles_stage import plan_slide, write_tiles_outputs
-    from ..tiling import GRID_METADATA_KEY, TileGrid
+    from ..results.reduce import load_tissue_mask
+    from ..slides.planning import plan_slide, write_tiles_outputs
+    from ..slides.tiling import GRID_METADATA_KEY, TileGrid
 
     sid = entry["slide_id"]
     done = store.complete(tiles_dir)
@@ -82,7 +82,7 @@ def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> 
     """Plan (or reuse) one slide's tiles and say what is stored: the tile positions, the tissue cells
     (adaptive mode), and the stored parts' tile ids and passes (+ class scores in adaptive mode, which
     needs them to select; `class_matrix` is None in full mode)."""
-    from ..rasterise import cell_geometry, grid_shape, resample_mask_to_grid
+    from ..maps.rasterise import cell_geometry, grid_shape, resample_mask_to_grid
     sid = entry["slide_id"]
     t: dict = {}
     rec = {"slide_id": sid, "timing": t, "node": node_id()}
@@ -103,7 +103,7 @@ def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> 
             rec["tissue"] = resample_mask_to_grid(mask, mask_mpp, grid_shape(grid.n_rows, grid.n_cols, geom),
                                                   geom.cell * grid.target_mpp)
             if emb is not None:
-                from ..slide_reduce import cosine_scores
+                from ..results.reduce import cosine_scores
                 rec["stored_scores"] = cosine_scores(emb, class_matrix)
         return rec
     except Exception as e:  # noqa: BLE001 - one bad slide never stops the cohort
@@ -122,8 +122,8 @@ def _slide(job: dict, cache_cfg, storage_options):
     handle would grow a worker by its size per slide); direct reads keep their own (tiff_levels)."""
     import openslide
 
-    from ..slide_access import open_slide_file
-    from ..tiff_levels import TiffLevels
+    from ..slides.access import open_slide_file
+    from ..slides.tiff_levels import TiffLevels
     uri = job["uri"]
     handle = _HANDLES.pop(uri, None)
     if handle is None:
@@ -148,7 +148,7 @@ TILE_CACHE_BYTES = 32 << 20   # one OpenSlide cache shared by the worker's handl
 
 def read_regions(job: dict, cache_cfg, storage_options=None):
     """Yield (tile_ids, uint8 tiles (n, P, P, 3)) region by region, each region decoded once."""
-    from ..region_reader import read_region_tiles
+    from ..slides.region_reader import read_region_tiles
     slide, tiff = _slide(job, cache_cfg, storage_options)
     for r in job["regions"]:
         yield read_region_tiles(slide, job["grid"], r, tiff=tiff)
@@ -227,7 +227,7 @@ def encode_jobs(encoder, store: OutputStore, jobs: list, cache_cfg=None, storage
 
 def _write_part(store: OutputStore, job: dict, rec: dict, ids: np.ndarray, emb: np.ndarray, t: dict) -> dict:
     """Write one chunk's part and complete its record (+ class scores in adaptive mode)."""
-    from ..slide_reduce import cosine_scores
+    from ..results.reduce import cosine_scores
     sid = job["slide_id"]
     try:
         with timed(t, "write"):
@@ -265,7 +265,7 @@ def encode_work(encoder, store: OutputStore, job: dict, tiles, cache_cfg=None, s
 def reduce_work(store_root: str, job: dict) -> dict:
     """The slide's reduce (slide_reduce.reduce_slide) from its stored parts; a failure becomes the
     slide's failed row."""
-    from ..slide_reduce import reduce_slide
+    from ..results.reduce import reduce_slide
     sid = job["entry"]["slide_id"]
     t: dict = {}
     try:
