@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zeus_ray.demo import write_qupath_geojson
+from zeus_ray.demo.cohort import write_qupath_geojson
 from zeus_ray.demo.synthetic import write_synthetic_slide
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from zeus_ray.demo import write_qupath_geojson
+from zeus_ray.demo.cohort import write_qupath_geojson
 from zeus_ray.demo.synthetic import write_synthetic_slide
 
 ROOT = Path(__file__).resolve().parents[1]
