@@ -171,7 +171,7 @@ def test_mask_on_the_grid_is_exact_and_labels_select(tmp_path):
 
 
 def test_pyramidal_tiff_mask_read_at_a_level_that_fits(tmp_path, monkeypatch):
-    from zeus_ray import annotations
+    from zeus_ray.truth import annotations
     from zeus_ray.results.export import write_pyramidal_tiff
     want = centres_inside(lesion(), GRID, CELL0)
     fine = np.repeat(np.repeat(want, 2, axis=0), 2, axis=1)     # downsample CELL0 / 2
