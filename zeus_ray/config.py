@@ -11,7 +11,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
-from .truth.classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS
 from .errors import ConfigError
 
 # µm/px assumed for a nominal objective magnification when a slide has no mpp in its metadata:
@@ -22,6 +21,23 @@ MPP_AT_10X = 1.0
 # magnification.resolve_mpp treats such metadata as missing; overrides outside them are errors.
 MIN_PLAUSIBLE_MPP = 0.05
 MAX_PLAUSIBLE_MPP = 20.0
+
+# The annotation-class vocabulary (truth/classes.py applies it; docs/annotations.md explains it).
+DEFAULT_TUMOUR_TERMS: tuple[str, ...] = (
+    "tumour", "tumours", "tumor", "tumors", "tumoral", "tumoural",
+    "*oma", "*omas",                                   # carcinoma, adenocarcinoma, sarcoma, melanoma, leiomyoma, ...
+    "neoplasm", "neoplasms", "neoplasia", "neoplastic",
+    "cancer", "cancers", "cancerous", "malignant", "malignancy",
+    "metastasis", "metastases", "metastatic",
+    "micrometastasis", "micrometastases", "macrometastasis", "macrometastases",
+    "lesion", "lesions", "invasive", "in situ", "dcis", "lcis", "idc", "ilc",
+    "_0", "_1",                                        # CAMELYON16 metastasis groups
+)
+DEFAULT_EXCLUDE_TERMS: tuple[str, ...] = (
+    "_2",                                              # CAMELYON16 exclusion group
+    "exclusion", "exclusions", "exclude", "excluded",
+    "normal",                                          # CAMELYON17 "normal" regions inside metastases
+)
 
 
 def mpp_for_magnification(magnification: float) -> float:

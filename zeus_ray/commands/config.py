@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from ..cli import add_set_option
+from .options import add_set_option
 from ..config import config_reference, load_config
 
 

@@ -250,7 +250,7 @@ class ConchTokenizer:
         from tokenizers import Tokenizer
         from tokenizers.processors import TemplateProcessing
 
-        file = _find_tokenizer_file(Path(path).expanduser())
+        file = find_tokenizer_file(Path(path).expanduser())
         try:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:
@@ -285,7 +285,7 @@ class ConchTokenizer:
         return F.pad(ids, (0, 1), value=self.pad_id)
 
 
-def _find_tokenizer_file(path: Path) -> Path:
+def find_tokenizer_file(path: Path) -> Path:
     """A JSON file, or a directory (e.g. the installed official package) holding exactly one
     `*bpe*.json` file."""
     if path.is_file():

@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .cohort_tables import ERROR_STATUSES, cohort_dir
 from ..errors import ZeusError
 from ..truth.metrics import format_mean_std
+from ..storage.keys import ERROR_STATUSES
 from ..storage.store import OutputStore
 
 THUMB_WIDTH = 240    # gallery thumbnails: at most this wide (and 1.5 × as high), JPEG (~8 KB each)
@@ -316,7 +316,7 @@ def _ablation(store: OutputStore, out: str) -> str:
 
 def build_report(store: OutputStore, prompt_key: str, *, thumb_width: int = THUMB_WIDTH, workers: int = 8) -> str:
     """The report's HTML text for the run with this prompt key under `store`."""
-    out = cohort_dir(store, prompt_key)
+    out = store.cohort_dir(prompt_key)
     if not store.exists(f"{out}/run.json"):
         raise ZeusError(f"{store.uri(out)}: no run.json; is {store.root_uri} the output.root of a `zeus run` "
                         f"with prompt key {prompt_key}?")
@@ -343,7 +343,7 @@ def write_report(store: OutputStore, prompt_key: str, out: str | None = None) ->
     """Write the report to `out` (a path or URI) or to <root>/cohort/<prompt_key>/report.html; return where."""
     text = build_report(store, prompt_key).encode("utf-8")
     if out is None:
-        path = f"{cohort_dir(store, prompt_key)}/report.html"
+        path = f"{store.cohort_dir(prompt_key)}/report.html"
         store.write_bytes(path, text)
         return store.uri(path)
     with fsspec.open(out, "wb", auto_mkdir=True) as f:

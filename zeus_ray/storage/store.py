@@ -70,6 +70,10 @@ class OutputStore:
         proto = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
         return f"{proto}://{path}"
 
+    def cohort_dir(self, run_key: str) -> str:
+        """Where a run's cohort tables, run.json and report live."""
+        return self.path("cohort", run_key)
+
     def slide_dir(self, slide_id: str, *parts: str) -> str:
         return self.path("slides", check_slide_id(slide_id), *parts)
 
