@@ -240,12 +240,6 @@ def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
 
 
-def spec_for(model_id: str) -> ModelSpec | None:
-    """The registered spec of an id (None for the generic families)."""
-    entry = MODELS.get(model_id)
-    return entry.spec if entry else None
-
-
 def load_encoder(cfg: ModelConfig, *, tiny: bool = False) -> TorchEncoder:
     """Build the encoder named by `cfg.id` with its weights, on `cfg.device`, ready to encode.
 

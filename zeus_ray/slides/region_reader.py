@@ -61,10 +61,6 @@ class ReadStats:
     decoded_px: int = 0
     seconds: float = 0.0
 
-    @property
-    def decoded_px_per_tile(self) -> float:
-        return self.decoded_px / self.tiles if self.tiles else 0.0
-
 
 def block_tiles(grid: TileGrid, region_tiles: int) -> int:
     """Tiles per region side: `region_tiles`, shrunk so a region stays within MAX_REGION_PX."""
