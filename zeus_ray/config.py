@@ -140,8 +140,8 @@ class PromptsConfig(_Section):
 class OutputConfig(_Section):
     root: str = Field("zeus_output", description="output root, local path or bucket URI")
     embedding_dtype: Literal["float16", "float32"] = "float16"
-    preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.png, heat-maps), px")
-    heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.png and heatmap_prob_<tumour>.png per slide")
+    preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.jpg, heat-maps), px")
+    heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.jpg and heatmap_prob_<tumour>.jpg per slide")
     tiling_preview: bool = Field(False, description="also write the annotated tiling thumbnail (tiles/…/thumbnail.png), as `zeus tiles` does")
 
 

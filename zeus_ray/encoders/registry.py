@@ -2,7 +2,7 @@
 
 Registered ids: conch, keep, plip, quiltnet. Generic families: `open_clip:<model name | hf-hub:repo>`,
 `hf-clip:<hub id>` and `random:<timm model>[:<seed>]` (seeded random weights, for the demo, tests
-and benchmarks). Specs state the published facts (DESIGN.md §3); CLIP-style loaders refine them
+and benchmarks). Specs state the published facts (papers and model cards); CLIP-style loaders refine them
 from the preprocessing config shipped with the weights.
 """
 from __future__ import annotations

@@ -120,7 +120,7 @@ def plan_regions(tiles, grid: TileGrid, region_tiles: int, slide_id: str = "") -
 
 
 # Read cost model for sparse selections: a read_region call costs about READ_CALL_PX decoded level
-# px of fixed overhead (≈3 ms against ≈12 ns per px, DESIGN.md §5).
+# px of fixed overhead (≈3 ms against ≈12 ns per px, as timed on the development machine).
 READ_CALL_PX = 250_000
 
 
