@@ -393,7 +393,7 @@ def read_with_settings(path_or_uri, evaluation: dict, *, mpp0: float | None, tum
 
 _SHIFT = 8                          # OpenCV fixed-point bits: vertices to 1/256 cell
 _PAD = 4                            # canvas margin (cells): the clipped rings never reach its border
-_BAND = np.ones((7, 7), np.uint8)   # cells within 3 of a drawn ring pixel: centres within ~2 cells of a ring
+_BAND = np.ones((5, 5), np.uint8)   # cells within 2 of a drawn ring pixel (fillPoly errs within 1 of a ring)
 
 
 def rasterise_geometry(geom: BaseGeometry, shape: tuple[int, int], cell0: float) -> np.ndarray:
@@ -420,7 +420,8 @@ def rasterise_geometry(geom: BaseGeometry, shape: tuple[int, int], cell0: float)
     cv2.fillPoly(canvas, pts, 1, lineType=cv2.LINE_8, shift=_SHIFT)
     band = cv2.dilate(cv2.polylines(np.zeros_like(canvas), pts, True, 1, 1, cv2.LINE_8, _SHIFT), _BAND)
     out, band = canvas[_PAD:-_PAD, _PAD:-_PAD], band[_PAD:-_PAD, _PAD:-_PAD]
-    ii, jj = np.nonzero(band)
+    found = cv2.findNonZero(band)                     # the band's (x, y); None when empty
+    jj, ii = (found if found is not None else np.empty((0, 2), np.int32)).reshape(-1, 2).T
     shapely.prepare(geom)
     out[ii, jj] = shapely.contains_xy(geom, (jj + 0.5) * c, (ii + 0.5) * c)
     return out.astype(bool)
