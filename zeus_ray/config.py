@@ -145,7 +145,7 @@ class ModelConfig(_Section):
     weights: str | None = Field(None, description="local dir/file or bucket URI; default: the hub repo of the model")
     tokenizer: str | None = Field(None, description="tokenizer file/dir where the weights do not ship one (CONCH)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="autocast dtype of the encoder; auto: bfloat16 on a GPU that has it (else float16), float32 on CPU; float16 is GPU-only")
     batch_size: int | None = Field(None, gt=0, description="tiles per encoder call; default from the device")
 
 
@@ -155,9 +155,9 @@ class PromptsConfig(_Section):
 
 class OutputConfig(_Section):
     root: str = Field("zeus_output", description="output root, local path or bucket URI")
-    embedding_dtype: Literal["float16", "float32"] = "float16"
-    preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.png, heat-maps), px")
-    heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.png and heatmap_prob_<tumour>.png per slide")
+    embedding_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the stored embedding parts")
+    preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.jpg, heat-maps), px")
+    heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.jpg and heatmap_prob_<tumour>.jpg per slide")
     tiling_preview: bool = Field(False, description="also write the annotated tiling thumbnail (tiles/…/thumbnail.png), as `zeus tiles` does")
 
 

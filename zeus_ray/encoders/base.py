@@ -163,7 +163,7 @@ class TorchEncoder(Encoder):
         return np.concatenate(out) if out else np.zeros((0, self.spec.embed_dim), np.float32)
 
     def warmup(self, calls: int = 2, batch: int = 1) -> None:
-        """CPU bf16 autocast is slow for its first calls (oneDNN primitive set-up, DESIGN §5)."""
+        """CPU bf16 autocast is slow for its first calls (oneDNN primitive set-up)."""
         size = self.spec.input_size
         for _ in range(calls):
             self.encode_images(np.zeros((batch, size, size, 3), np.uint8))

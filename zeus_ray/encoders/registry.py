@@ -2,7 +2,7 @@
 
 Registered ids: conch, keep, plip, quiltnet. Generic families: `open_clip:<model name | hf-hub:repo>`,
 `hf-clip:<hub id>` and `random:<timm model>[:<seed>]` (seeded random weights, for the demo, tests
-and benchmarks). Specs state the published facts (DESIGN.md §3); CLIP-style loaders refine them
+and benchmarks). Specs state the published facts (papers and model cards); CLIP-style loaders refine them
 from the preprocessing config shipped with the weights.
 """
 from __future__ import annotations
@@ -239,12 +239,6 @@ def resolve_amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
 
 def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
-
-
-def spec_for(model_id: str) -> ModelSpec | None:
-    """The registered spec of an id (None for the generic families)."""
-    entry = MODELS.get(model_id)
-    return entry.spec if entry else None
 
 
 def load_encoder(cfg: ModelConfig, *, tiny: bool = False) -> TorchEncoder:

@@ -147,7 +147,7 @@ def tissue_fractions(grid: TileGrid, mask: np.ndarray, mask_mpp: float, rows, co
 
 
 def tile_table(grid: TileGrid, tissue_mask, min_fraction: float, slide_id: str) -> pa.Table:
-    """The tiles contract (DESIGN.md) for tiles whose tissue fraction is ≥ min_fraction and > 0
+    """The tiles table (`TILES_SCHEMA`) for tiles whose tissue fraction is ≥ min_fraction and > 0
     (a tile without any tissue is never kept), with the grid as JSON in the schema metadata
     (key b"zeus.grid"). `tissue_mask` is a tissue.TissueMask (mask + mpp)."""
     check_slide_id(slide_id)

@@ -9,7 +9,7 @@
 
 Layout under the output root (store.OutputStore):
   slides/<slide_id>/tiles/<key>/              tiles.parquet, tissue mask, preview
-  slides/<slide_id>/embeddings/<key>/<model>/ pass-PP-TTTTTTTTT.parquet parts (engine/parts.py)
+  slides/<slide_id>/embeddings/<key>/<model>/ pass-PP-TTTTTTTTT.parquet parts (storage/parts.py)
   slides/<slide_id>/results/<key>/<prompt>/   similarities, maps, mask, viewer outputs, metrics
 """
 from __future__ import annotations
