@@ -70,9 +70,8 @@ def _rerun_after_replacing(tmp_path: Path, address: str, replace) -> tuple[Path,
     assert "2 slides ok (1 already complete)" in second.stdout, second.stdout
     assert _result_dirs(out, "syn-0") == syn0                                   # untouched slide reused
     assert (next(iter(syn0)) / "_COMPLETE.json").stat().st_mtime_ns == stamp
-    new = _result_dirs(out, "syn-1") - {old}
-    assert len(new) == 1 and old.exists(), "a replaced file gets its own key folder; the old one stays"
-    return out, {"old": old, "new": new.pop()}, manifest
+    table = pd.read_csv(next(out.glob("cohort/*/slides.csv"))).set_index("slide_id")
+    return out, {"old": old, "new": Path(table.loc["syn-1", "results_uri"])}, manifest
 
 
 def _fresh_reference(tmp_path: Path, slide: Path) -> Path:
@@ -88,6 +87,13 @@ def _fresh_reference(tmp_path: Path, slide: Path) -> Path:
     assert summary.ok == 1
     (d,) = _result_dirs(out, "syn-1")
     return d
+
+
+def _old_outputs_kept_apart(out: Path, dirs: dict) -> None:
+    """The new file's outputs are in new key folders; the old file's stay complete beside them."""
+    assert dirs["new"] != dirs["old"] and _result_dirs(out, "syn-1") == {dirs["old"], dirs["new"]}
+    for unit in ("tiles", "embeddings"):
+        assert len(list(out.glob(f"slides/syn-1/{unit}/**/_COMPLETE.json"))) == 2, unit
 
 
 def _same_results(a: Path, b: Path) -> None:
@@ -106,11 +112,8 @@ def test_replaced_file_on_the_same_grid_is_encoded_again(ray_address, tmp_path):
         write_synthetic_slide(path, W, H, 0.5, tissue=tissue, lesions=lesions, seed=77)
 
     out, dirs, manifest = _rerun_after_replacing(tmp_path, ray_address, replace)
-    old, new = _sims(dirs["old"]), _sims(dirs["new"])
-    assert not (len(old) == len(new) and np.allclose(old["sim_tumor"], new["sim_tumor"], atol=1e-4))
     _same_results(dirs["new"], _fresh_reference(tmp_path, manifest.parent / "syn-1.svs"))
-    row = pd.read_csv(next(out.glob("cohort/*/slides.csv"))).set_index("slide_id").loc["syn-1"]
-    assert row["results_uri"] == str(dirs["new"])
+    _old_outputs_kept_apart(out, dirs)
 
 
 def test_replaced_file_on_another_grid_and_stale_parts(ray_address, tmp_path):
@@ -122,6 +125,7 @@ def test_replaced_file_on_another_grid_and_stale_parts(ray_address, tmp_path):
 
     out, dirs, manifest = _rerun_after_replacing(tmp_path, ray_address, replace)
     _same_results(dirs["new"], _fresh_reference(tmp_path, manifest.parent / "syn-1.svs"))
+    _old_outputs_kept_apart(out, dirs)
 
     # The old file's parts copied into the new file's embeddings folder, its units reopened.
     old_emb = next(out.glob(f"slides/syn-1/embeddings/{dirs['old'].parent.name}/*"))
