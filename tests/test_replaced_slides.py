@@ -114,6 +114,13 @@ def test_replaced_file_on_the_same_grid_is_encoded_again(ray_address, tmp_path):
     out, dirs, manifest = _rerun_after_replacing(tmp_path, ray_address, replace)
     _same_results(dirs["new"], _fresh_reference(tmp_path, manifest.parent / "syn-1.svs"))
     _old_outputs_kept_apart(out, dirs)
+    # A re-prompt reads no slide: it takes the newest stored embeddings, the replacing file's.
+    from zeus_ray.commands.reprompt import reprompt_config
+    summary = run_cohort(reprompt_config(str(out), "prompts/metastasis.yaml", None, [], None), progress=False,
+                         reprompt=True)
+    assert (summary.ok, summary.tiles_encoded) == (2, 0)
+    row = next(r for r in summary.rows if r["slide_id"] == "syn-1")
+    assert row["tiling_key"] == dirs["new"].parent.name
 
 
 def test_replaced_file_on_another_grid_and_stale_parts(ray_address, tmp_path):
