@@ -127,7 +127,7 @@ def test_auto_without_a_cluster_or_with_a_stale_file_is_one_line(cohort, tmp_pat
     line = _one_error(_zeus(env, *_run_args(cohort, tmp_path / "out", "auto"), timeout=60))
     assert f"({dead}) is not running" in line and "ray_current_cluster" in line
     doc = _zeus(env, *_doctor_args(cohort, tmp_path / "out", "auto"), timeout=60)
-    assert doc.returncode == 1 and _ray_line(doc).startswith(f"fail ray: ray.address=auto: the cluster recorded in ")
+    assert doc.returncode == 1 and _ray_line(doc).startswith("fail ray: ray.address=auto: the cluster recorded in ")
 
 
 def test_token_cluster_refuses_in_one_line_without_the_right_token(token_cluster, cohort, tmp_path):
