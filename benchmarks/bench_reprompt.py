@@ -63,7 +63,7 @@ def build_store(n_slides: int, n_tiles: int, dim: int) -> tuple[Path, object]:
     model_key = f"{MODEL}@seed0"
     for i in range(n_slides):
         sid = f"s{i:04d}"
-        keys = slide_keys(store, sid, None, tkey, model_key, "unused")
+        keys = slide_keys(store, sid, None, tkey, model_key, "unused", "bench")
         tiles = tiles0.set_column(0, "slide_id", pa.array([sid] * len(tiles0), pa.string()))
         store.write_parquet(f"{keys.tiles_dir}/tiles.parquet", tiles)
         store.write_bytes(f"{keys.tiles_dir}/tissue_mask_{mpp_label(8.0)}mpp.png", mask_png)
@@ -77,7 +77,7 @@ def build_store(n_slides: int, n_tiles: int, dim: int) -> tuple[Path, object]:
         store.write_parquet(f"{keys.emb_dir}/{part_name(1, ids[0])}",
                             part_table(sid, ids, grid.n_cols, 1, emb.astype(np.float32), keys.tiling_key, model_key,
                                        "float16"))
-        store.commit(keys.emb_dir, {"slide_id": sid, "source": "bench"})
+        store.commit(keys.emb_dir, {"slide_id": sid, "source": "bench"})   # the source of its key
     store.write_json(store.path("cohort", "seed", "run.json"), {"config": cfg.model_dump()})
     return out, len(tiles0)
 

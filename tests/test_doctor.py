@@ -234,7 +234,7 @@ def test_ray_address_checks(cohort, tmp_path):
         port = s.getsockname()[1]
     lines, counts = doctor(None, f"input.manifest={cohort}", TINY, f"output.root={tmp_path / 'o'}",
                            address=f"127.0.0.1:{port}", n=0)
-    assert line(lines, f"ray: cannot reach the cluster at 127.0.0.1:{port}").startswith("fail")
+    assert line(lines, f"ray: cannot reach the Ray cluster at 127.0.0.1:{port}").startswith("fail")
     cfg = load_config(None, [TINY, "model.device=cuda", "ray.reader_resources={cpu_pool: 0.01}",
                              "ray.encoder_resources={gpu_pool: 0.01}"])
     got = cluster_lines("head:6379", {"resources": {"CPU": 64.0, "GPU": 0.0, "cpu_pool": 4.0}, "nodes": 4}, cfg)

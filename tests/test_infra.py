@@ -376,3 +376,34 @@ def test_readme_covers_every_file_and_the_commands():
                 "port-forward svc/zeus-head-svc 8265:8265", "RAY_AUTH_MODE=token",
                 "--feature-gates=RayCronJob=true", "ray up infra/aws-cluster.yaml", "no Docker engine"]:
         assert cmd in readme, cmd
+
+
+def test_every_cluster_runs_with_token_auth_and_the_token_from_a_secret(k8s, cluster, launchers):
+    """Ray token authentication on every shipped cluster, the documented way. KubeRay: authOptions
+    (mode token, the token from the Secret zeus-ray-auth, key auth_token; KubeRay then sets
+    RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container and RayJob submitter) on the RayCluster and
+    on the clusters of the RayJob and RayCronJob, with an operator version that reads secretName.
+    Launchers: the token file mounted on every node, every `ray start` with RAY_AUTH_MODE=token."""
+    from ray.autoscaler._private.util import prepare_config
+    specs = [cluster["spec"], k8s["RayJob"]["spec"]["rayClusterSpec"],
+             k8s["RayCronJob"]["spec"]["jobTemplate"]["rayClusterSpec"]]
+    for spec in specs:
+        assert spec["authOptions"] == {"mode": "token", "secretName": "zeus-ray-auth"}
+        for pod in _pod_specs(spec):   # nothing overrides what KubeRay sets from the Secret
+            names = {e["name"] for c in pod["containers"] for e in c.get("env", [])}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
+    readme = (INFRA / "README.md").read_text()
+    assert "create secret generic zeus-ray-auth --from-literal=auth_token=" in readme
+    values = (INFRA / "helm" / "kuberay-operator-values.yaml").read_text()
+    chart = re.search(r"helm install kuberay-operator kuberay/kuberay-operator --version (\d+)\.(\d+)\.(\d+)", values)
+    assert chart and tuple(map(int, chart.groups())) >= (1, 6, 0)   # authOptions.secretName
+    for name, cfg in launchers.items():
+        mounts = prepare_config(copy.deepcopy(cfg))["file_mounts"]
+        assert mounts["~/.ray/auth_token"] == "~/.ray/auth_token", name
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            starts = [c for c in cfg[key] if "ray start" in c]
+            assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), (name, key)
+            for c in starts:
+                subprocess.run(["bash", "-n"], input=c, text=True, check=True)
+        assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"]), name
+    assert "ray get-auth-token --generate" in readme

@@ -1,7 +1,7 @@
 """Cohort manifest: CSV/Parquet with `slide_id, uri` (+ optional `annotation_uri, dataset,
 center, mpp`), or a glob over a folder or bucket. Relative URIs resolve against the manifest's
 folder so that a cohort folder can be moved or uploaded as a whole. Remote reads use the config's
-`input.storage_options` (e.g. `{anon: true}` for a public bucket) through `slide_access._filesystem`,
+`input.storage_options` (e.g. `{anon: true}` for a public bucket) through `storage.inputs.filesystem`,
 as the slide and annotation reads do."""
 from __future__ import annotations
 

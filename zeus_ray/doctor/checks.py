@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -220,19 +219,6 @@ def check_devices(ctx: Context) -> list[Line]:
     return [(OK, f"devices: no CUDA device here; model.device={dev} encodes on CPU (slow for CONCH/KEEP)")]
 
 
-def _reachable(address: str) -> str | None:
-    """None when something listens at the address's host:port (ray.init would retry for minutes)."""
-    target = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = target.rpartition(":")
-    if address == "auto" or not port.isdigit():
-        return None
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            return None
-    except OSError as e:
-        return e.strerror or str(e)
-
-
 _RAY_PROBE = """
 import json, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False, logging_level="ERROR")
@@ -249,21 +235,22 @@ def check_ray(ctx: Context) -> list[Line]:
     address = ctx.cluster_address()
     if not address:
         return [(OK, f"ray: no cluster address; the job starts a local Ray here ({os.cpu_count()} CPUs)")]
-    why = _reachable(address)
-    if why:
-        return [(FAIL, f"ray: cannot reach the cluster at {address} ({why}); check the address (`ray start --head` "
-                       f"prints it) or unset ray.address/RAY_ADDRESS")]
+    from ..engine.connect import preflight
+    try:   # `auto`, a listener, the token: what `zeus run` checks before it joins
+        target, env = preflight(address)
+    except ZeusError as e:
+        return [(FAIL, f"ray: {e}")]
     # A child process: ray.init cannot be timed out in-process and must not stay attached here.
     try:
-        proc = subprocess.run([sys.executable, "-c", _RAY_PROBE, address], capture_output=True, text=True,
-                              timeout=RAY_TIMEOUT_S)
+        proc = subprocess.run([sys.executable, "-c", _RAY_PROBE, target], capture_output=True, text=True,
+                              timeout=RAY_TIMEOUT_S, env=os.environ | env)
     except subprocess.TimeoutExpired:
         return [(FAIL, f"ray: no answer from the cluster at {address} within {RAY_TIMEOUT_S} s")]
     out = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ZEUS-DOCTOR ")), None)
     if out is None:
         err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         return [(FAIL, f"ray: cannot join the cluster at {address}: {redact(err[-1] if err else 'no output')[:300]}")]
-    return cluster_lines(address, json.loads(out.removeprefix("ZEUS-DOCTOR ")), ctx.cfg)
+    return cluster_lines(target, json.loads(out.removeprefix("ZEUS-DOCTOR ")), ctx.cfg)
 
 
 def cluster_lines(address: str, info: dict, cfg) -> list[Line]:

@@ -13,37 +13,19 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from .connect import join
 
 log = logging.getLogger(__name__)
 
 def resolve_address(cfg) -> str:
     """The address to join, or "local" for a new local cluster. Never the last cluster Ray
-    remembers in /tmp/ray/ray_current_cluster (a dead `ray start` leaves it behind): only
-    ray.address, --address or RAY_ADDRESS join an existing cluster."""
+    remembers in /tmp/ray/ray_current_cluster (a dead `ray start` leaves it behind) unless asked
+    with `auto`: only ray.address, --address or RAY_ADDRESS join an existing cluster."""
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, in one line, when nothing listens at host:port (ray.init would retry for
-    minutes, printing a traceback's worth of warnings)."""
-    if address == "auto":
-        return
-    target = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = target.rpartition(":")
-    how = ("check the address (the head's `ray start --head` prints it), or run on a local Ray by "
-           "leaving ray.address/--address unset and unsetting RAY_ADDRESS")
-    if not host or not port.isdigit():
-        raise ConfigError(f"Ray address {address!r} is not host:port; {how}")
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); {how}") from None
 
 
 class _AuthNotice(logging.Filter):
@@ -57,9 +39,8 @@ def init_ray(cfg) -> bool:
     if ray.is_initialized():
         return False
     address = resolve_address(cfg)
-    if address != "local":
-        _check_reachable(address)
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    if address != "local":   # in seconds or one line: `auto`, stale addresses, token auth (connect.py)
+        join(address)
         return True
     # Ray turns token authentication on for new local clusters and says so on every run: keep it
     # on, drop the notice (a filter on that one logger and message).

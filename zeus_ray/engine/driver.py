@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ZeusError
-from ..storage.keys import FAILED, NO_TISSUE, OK, run_key, slide_keys, source_identity, tiling_key
+from ..storage.keys import FAILED, NO_TISSUE, OK, cohort_keys, run_key, tiling_key
 from ..cohort_input.manifest import load_cohort
 from ..prompts import load_prompt_set, prompt_key as make_prompt_key
 from ..storage.store import OutputStore
@@ -118,17 +118,14 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases) -> Run
         pkey = run_key(make_prompt_key(prompt_set, model_key), cfg)
         tkey = tiling_key(cfg)
         summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=plan.describe())
-        keys_of = {e.slide_id: slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey) for e in entries}
-        opts = getattr(cfg.input, "storage_options", None)
-        with ThreadPoolExecutor(16) as ex:   # bucket stats overlap
-            sources = dict(zip(keys_of, ex.map(lambda e: None if stored_only else source_identity(e.uri, opts),
-                                               entries)))
+        # The slide file's identity is part of its keys: a replaced file is planned and encoded anew.
+        sources, keys_of = cohort_keys(store, entries, tkey, model_key, pkey,
+                                       getattr(cfg.input, "storage_options", None), stored_only)
+        with ThreadPoolExecutor(16) as ex:   # bucket reads overlap
             marks = list(ex.map(lambda e: (store.complete(keys_of[e.slide_id].res_dir),
                                            store.complete(keys_of[e.slide_id].emb_dir)), entries))
         to_plan, to_reduce = [], []
         for e, (done, emb_done) in zip(entries, marks):
-            if stored_only:   # reuse the source identity recorded with the embeddings
-                sources[e.slide_id] = (emb_done or {}).get("source")
             src = sources[e.slide_id]
             if done is not None and done.get("source") == src:
                 summary.rows.append(done)

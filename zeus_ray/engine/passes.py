@@ -25,6 +25,7 @@ import numpy as np
 
 from ..storage.keys import FAILED, OK
 from ..slides.region_reader import plan_regions
+from .work import failure
 from ..maps.selection import PassState, Selection
 from ..slides.tiling import TileGrid
 
@@ -140,8 +141,16 @@ class PassEngine:
                     recs = [{"slide_id": sid, "status": FAILED, "reason": "worker_lost",
                              "message": f"slide {sid!r}: {kind} failed: {why}"} for sid in sids]
                 for sid, rec in zip(sids, recs):
-                    getattr(self, f"_on_{kind}")(sid, rec)
+                    self._on_record(kind, sid, rec)
         return self.stats
+
+    def _on_record(self, kind: str, sid: str, rec: dict) -> None:
+        """A worker's record; one that this slide's state cannot take (stored tiles of another
+        grid, ...) fails this slide in one line, never the cohort."""
+        try:
+            getattr(self, f"_on_{kind}")(sid, rec)
+        except Exception as e:  # noqa: BLE001
+            self._fail(sid, failure(sid, e))
 
     def _encode_now(self) -> bool:
         """Fused mode: send chunks that fill less than a batch only to a worker that would otherwise

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..errors import ZeusError
+from ..errors import SlideError, ZeusError
 from ..storage.keys import FAILED, NO_TISSUE, OK
 from ..storage.store import OutputStore
 from ..storage.parts import part_name, part_table, read_parts
@@ -97,6 +97,7 @@ def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> 
                 "rows": tiles["grid_row"].to_numpy(), "cols": tiles["grid_col"].to_numpy(), "tissue": None}
         with timed(t, "resume"):
             ids, passes, emb = read_parts(store, keys.emb_dir, with_embeddings=class_matrix is not None)
+            check_stored_tiles(sid, ids, rec["tile_ids"], keys.emb_dir)
         rec |= {"stored_ids": ids, "stored_passes": passes, "stored_scores": None}
         if class_matrix is not None:   # adaptive: selection needs the tissue cells and the stored scores
             geom = cell_geometry(grid.patch_size, grid.stride)
@@ -108,6 +109,14 @@ def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> 
         return rec
     except Exception as e:  # noqa: BLE001 - one bad slide never stops the cohort
         return rec | failure(sid, e)
+
+
+def check_stored_tiles(sid: str, stored_ids: np.ndarray, tile_ids: np.ndarray, emb_dir: str) -> None:
+    """Stored embedding parts must hold tiles of the slide's grid (sorted `tile_ids`); parts from
+    another grid (a folder edited or copied by hand) fail this slide in one line, not the cohort."""
+    if len(stored_ids) and not np.isin(stored_ids, tile_ids, assume_unique=True).all():
+        raise SlideError(sid, f"the embeddings stored in {emb_dir} are not of this slide's tiles (another "
+                              "file's?); delete that folder and run again", reason="stale_embeddings")
 
 
 # --- read and encode -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import ZeusError
 from ..maps.rasterise import argmax_mask, average_maps, cell_geometry, grid_shape, resample_mask_to_grid, softmax_maps
+from ..storage.keys import embeddings_marker
 from ..storage.store import OutputStore
 from ..slides.tiling import TileGrid, grid_from_table_metadata
 
@@ -129,8 +130,7 @@ def reduce_slide(store: OutputStore, job: dict) -> dict:
     sid = entry["slide_id"]
     info = job.get("embeddings_info")
     if info is not None and store.complete(keys.emb_dir) is None:
-        store.commit(keys.emb_dir, {"slide_id": sid, "tiling_key": keys.tiling_key, "model_key": keys.model_key,
-                                    "source": entry.get("source"), **info})
+        store.commit(keys.emb_dir, embeddings_marker(keys, sid, entry.get("source"), info))
     sg = load_slide_grid(store, keys.tiles_dir)
     n_full = len(sg.tiles)
     embeddings = load_embeddings(store, keys.emb_dir, sg)

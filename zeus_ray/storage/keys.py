@@ -5,7 +5,9 @@
   the code that computes them (`TILING_VERSION`); one folder per key under a slide.
 - model key (encoder id + weights fingerprint) and prompt key (hash of the resolved ensemble and
   the model key) come from the encoder and prompts modules.
-- A slide's per-slide key adds its µm/px override (an override moves every tile).
+- A slide's per-slide key adds its µm/px override (an override moves every tile) and the identity
+  of its file (`source_identity`): a replaced slide file gets new tiles, embeddings and results
+  folders, so nothing computed from the old file is ever read for the new one.
 
 Layout under the output root (store.OutputStore):
   slides/<slide_id>/tiles/<key>/              tiles.parquet, tissue mask, preview
@@ -14,9 +16,12 @@ Layout under the output root (store.OutputStore):
 """
 from __future__ import annotations
 
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .store import OutputStore, safe_component, stable_hash
+from .store import MARKER, OutputStore, safe_component, stable_hash
 
 # Bump when geometry, tissue segmentation or the stored layout changes what a key's outputs hold:
 # every stored tile, embedding and result under an older version is then recomputed.
@@ -28,7 +33,7 @@ ERROR_STATUSES = (FAILED, NO_TISSUE)
 
 @dataclass(frozen=True)
 class Keys:
-    tiling_key: str      # per-slide tiling key (the slide's content fingerprint is in its tiles marker)
+    tiling_key: str      # per-slide key: cohort tiling key + µm/px override + the slide file's identity
     model_key: str
     prompt_key: str
     tiles_dir: str
@@ -54,22 +59,63 @@ def run_key(prompt_key: str, cfg) -> str:
     return prompt_key if cfg.postprocess == "none" else f"{prompt_key}-{cfg.postprocess}"
 
 
-def slide_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str, pkey: str) -> Keys:
-    skey = stable_hash([tkey, mpp_override], 12)
+def slide_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str, pkey: str,
+               source: str | None) -> Keys:
+    """A slide's output folders. `source` is its file's identity (`source_identity`), None only for
+    a slide whose outputs nobody stored (stored_keys)."""
+    skey = stable_hash([tkey, mpp_override, source], 12)
     return Keys(skey, model_key, pkey, store.slide_dir(slide_id, "tiles", skey),
                 store.slide_dir(slide_id, "embeddings", skey, safe_component(model_key)),
                 store.slide_dir(slide_id, "results", skey, pkey))
 
 
+def embeddings_marker(keys: Keys, slide_id: str, source: str | None, info: dict) -> dict:
+    """What an embeddings unit's marker holds: `source` and `committed_at` let `stored_keys` find
+    the newest one of a slide without opening the slide."""
+    return {"slide_id": slide_id, "tiling_key": keys.tiling_key, "model_key": keys.model_key,
+            "source": source, "committed_at": time.time(), **info}
+
+
+def stored_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str,
+                pkey: str) -> tuple[Keys, str | None] | None:
+    """(keys, source) of the newest complete embeddings of a slide for this tiling and model,
+    whatever file they were computed from (re-prompts and ablations read no slide); None if none."""
+    found = []
+    for marker in store.fs.glob(store.slide_dir(slide_id, "embeddings", "*", safe_component(model_key), MARKER)):
+        info = store.complete(marker.rsplit("/", 1)[0]) or {}
+        keys = slide_keys(store, slide_id, mpp_override, tkey, model_key, pkey, info.get("source"))
+        if f"{keys.emb_dir}/{MARKER}" == marker:   # this tiling and override (the key is a hash)
+            found.append((info.get("committed_at") or 0.0, keys, info.get("source")))
+    return max(found, key=lambda f: f[0])[1:] if found else None
+
+
+def cohort_keys(store: OutputStore, entries, tkey: str, model_key: str, pkey: str, storage_options=None,
+                stored_only: bool = False) -> tuple[dict, dict]:
+    """({slide id: source identity}, {slide id: Keys}) of the cohort's slides (manifest entries).
+    Each slide file is stat'ed (16 at once: bucket round trips overlap); with `stored_only` none is:
+    the newest stored embeddings are used (source None and fresh keys where nothing is stored)."""
+    def one(e):
+        if stored_only:
+            found = stored_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey)
+            if found is not None:
+                return found[1], found[0]
+            return None, slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey, None)
+        src = source_identity(e.uri, storage_options)
+        return src, slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey, src)
+    with ThreadPoolExecutor(16) as ex:
+        done = list(ex.map(one, entries))
+    return ({e.slide_id: d[0] for e, d in zip(entries, done)}, {e.slide_id: d[1] for e, d in zip(entries, done)})
+
+
 def source_identity(uri: str, storage_options: dict | None = None) -> str:
-    """Cheap identity of a slide file (size + mtime or ETag), checked before reusing outputs so
-    that a replaced slide is processed again. Unreachable slides get an identity that never
-    matches, so they are retried."""
+    """Cheap identity of a slide file (size + mtime or ETag), part of its output keys, so that a
+    replaced slide is processed again. An unreachable slide gets an identity that never matches
+    (a fresh one per call): nothing is reused for it, and it is retried by every run."""
     from . import inputs   # the input.storage_options rules of every input read
     try:
         fs, path = inputs.filesystem(uri, storage_options)
         info = fs.info(path)
     except Exception:  # noqa: BLE001 - any failure: "unknown", retried by the run
-        return "unavailable"
+        return f"unavailable-{uuid.uuid4().hex[:12]}"
     ident = {k: info.get(k) for k in ("size", "ETag", "etag", "mtime", "LastModified", "md5Hash") if info.get(k)}
     return stable_hash(ident, 16)
