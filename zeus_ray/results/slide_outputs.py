@@ -221,7 +221,8 @@ def write_outputs(store: OutputStore, job: dict, sg, *, maps, counts, labels, pr
     out: dict = {"tumour_area_mm2": area, "postprocess": mode}
     origin_text = "0,0" if fine is not None else f"{ox0:g},{oy0:g}"
 
-    store.write_bytes(f"{res}/mask_{mask_mpp:.2f}mpp.png", png_bytes((mask_img * 255).astype(np.uint8),
+    name = f"mask_{mask_mpp:.2f}mpp.png" if fine is None else f"mask_{mask_mpp:.6g}mpp.png"   # the canvas: exact µm/px
+    store.write_bytes(f"{res}/{name}", png_bytes((mask_img * 255).astype(np.uint8),
                       mpp=mask_mpp, cell0=mask0, origin=origin_text))
     store.write_bytes(f"{res}/labels_{cell_um:.2f}mpp.png", png_bytes((labels + 1).astype(np.uint8),
                       classes="background," + ",".join(class_names), mpp=cell_um, origin=f"{ox0:g},{oy0:g}"))
