@@ -116,9 +116,10 @@ def plan_slide(uri: str, slide_id: str, cfg: JobConfig, mpp_override: float | No
     origin = (0, 0)
     if cfg.tiling.anchor == "tissue":
         origin = tissue_anchor(tissue.contours, tissue.mpp, mpp0)
-    if origin != (0, 0) or cfg.tiling.padding != "white":
-        grid = make_grid(w, h, mpp0, target, cfg.tiling.patch_size, cfg.tiling.stride,
-                         choice.level, choice.downsample, origin=origin, padding=cfg.tiling.padding)
+    four_point = cfg.tiling.selection == "four_point"
+    if origin != (0, 0) or cfg.tiling.padding != "white" or four_point:
+        grid = make_grid(w, h, mpp0, target, cfg.tiling.patch_size, cfg.tiling.stride, choice.level,
+                         choice.downsample, origin=origin, padding=cfg.tiling.padding, every_start=four_point)
     tiles = tile_table(grid, tissue, cfg.tiling.min_tissue_fraction, slide_id, cfg.tiling.selection)
     check_tile_budget(slide_id, tiles.num_rows, cfg.tiling.max_tiles_per_slide, mpp0, source)
     status = NO_TISSUE if tissue.empty else (NO_TILES if tiles.num_rows == 0 else OK)

@@ -95,11 +95,23 @@ def _count(extent: int, stride0: float, patch0: float) -> int:
     return n
 
 
+def _starts(extent: int, stride0: float) -> int:
+    """Positions n with round((n-1)·stride0) < extent."""
+    n = max(1, math.ceil(extent / stride0))
+    while n > 1 and int(round_half_up((n - 1) * stride0)) >= extent:
+        n -= 1
+    while int(round_half_up(n * stride0)) < extent:
+        n += 1
+    return n
+
+
 def make_grid(width: int, height: int, mpp0: float, target_mpp: float, patch_size: int, stride: int,
               level: int = 0, level_downsample: float = 1.0, origin: tuple[int, int] = (0, 0),
-              padding: str = "white") -> TileGrid:
+              padding: str = "white", every_start: bool = False) -> TileGrid:
     """The tile grid of a width × height (level-0 px) slide read from `level`, its tile (0, 0) at
-    `origin` (level-0 px inside the slide); it covers the slide from there to its right/bottom edge."""
+    `origin` (level-0 px inside the slide); it covers the slide from there to its right/bottom edge
+    with the fewest positions, or with `every_start` has every position whose top-left lies inside
+    the slide (CLAM's grid, whose tiles run past the edge: tiling.selection four_point)."""
     if not (width > 0 and height > 0):
         raise ValueError(f"slide size {width}x{height} must be positive")
     if not (mpp0 > 0 and target_mpp > 0 and level_downsample > 0):
@@ -117,7 +129,8 @@ def make_grid(width: int, height: int, mpp0: float, target_mpp: float, patch_siz
         patch_size=int(patch_size), stride=int(stride), cell=math.gcd(int(patch_size), int(stride)),
         level=int(level), level_downsample=float(level_downsample), scale=float(scale),
         read_size=max(1, int(round_half_up(patch_size * scale))), stride0=stride0, patch0=patch0,
-        n_rows=_count(height - oy, stride0, patch0), n_cols=_count(width - ox, stride0, patch0),
+        n_rows=_starts(height - oy, stride0) if every_start else _count(height - oy, stride0, patch0),
+        n_cols=_starts(width - ox, stride0) if every_start else _count(width - ox, stride0, patch0),
         origin_x=ox, origin_y=oy, padding=str(padding))
 
 
