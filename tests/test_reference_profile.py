@@ -12,6 +12,7 @@ AI4SKIN setting): the official code's level 0 is then the slide at that resoluti
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ import numpy as np
 import openslide
 import pyarrow.parquet as pq
 import pytest
+import shapely
 import torch
 from PIL import Image
+from shapely.geometry import Polygon
 
 from _checkpoints import make_conch_tokenizer, write_conch_checkpoint
 from zeus_ray.config import ModelConfig, load_config
@@ -145,9 +148,18 @@ def test_zeus_run_reference_profile_matches_the_official_arithmetic(conch_files,
     image = cv2.resize(level0, (pad_w // 2, pad_h // 2), interpolation=cv2.INTER_AREA)
     target = 2 * mpp0
 
+    # a ground truth: a QuPath polygon (level-0 px) over part of the tissue; vertices off the
+    # integers so that no pixel centre lies on an edge (where point-in-polygon conventions differ)
+    lesion = [[600.3, 800.7], [1700.1, 700.4], [1600.6, 2100.2], [700.2, 1900.9], [600.3, 800.7]]
+    ann = tmp_path / "cmu.geojson"
+    ann.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [lesion]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"slide_id,uri,annotation_uri\ncmu,{path},{ann}\n")
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
-    job.write_text(f"input: {{glob: '{path}'}}\noutput: {{root: '{out}', embedding_dtype: float32}}\n"
+    job.write_text(f"input: {{manifest: '{manifest}'}}\noutput: {{root: '{out}', embedding_dtype: float32}}\n"
                    f"model: {{id: conch, weights: '{weights_dir}', tokenizer: '{tok_file}', device: cpu}}\n"
                    f"tiling: {{target_mpp: {target!r}}}\ncache: {{dir: '{tmp_path / 'cache'}'}}\n"
                    f"prompts: {{file: '{ROOT / 'prompts' / 'ai4skin-leiomyoma.yaml'}'}}\nprofile: reference\n")
@@ -195,3 +207,23 @@ def test_zeus_run_reference_profile_matches_the_official_arithmetic(conch_files,
     assert ours.shape == want.shape
     assert 0.05 < want.mean() < 0.95                          # a mask with both classes, not a trivial one
     assert dice(ours, want) >= 0.99, dice(ours, want)
+
+    # metrics as the official evaluation counts them: target pixels inside tissue, 1e-6 smoothing
+    ys, xs = (np.mgrid[0:h, 0:w] + 0.5) * 2                   # canvas pixel centres, level-0 px
+    truth = shapely.contains_xy(Polygon(lesion), xs, ys)[tissue]
+    pred = want[tissue]
+    tp = (truth & pred).sum()
+    official = {"dice": (2 * tp + 1e-6) / (truth.sum() + pred.sum() + 1e-6),
+                "precision": (tp + 1e-6) / (pred.sum() + 1e-6), "recall": (tp + 1e-6) / (truth.sum() + 1e-6)}
+    res = next(out.glob("slides/*/results/*/*-zeus-pinned-reference"))
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert metrics["metric_convention"] == "reference" and metrics["metric_mpp"] == pytest.approx(target)
+    for k, v in official.items():
+        assert metrics[k] == pytest.approx(v, abs=1e-9), (k, metrics[k], v)
+    # `zeus evaluate` recomputes them from the stored outputs alone
+    (res / "metrics.json").unlink()
+    p = subprocess.run([sys.executable, "-m", "zeus_ray", "evaluate", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    again = json.loads((res / "metrics.json").read_text())
+    assert {k: again[k] for k in official} == {k: metrics[k] for k in official}

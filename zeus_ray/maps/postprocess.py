@@ -197,6 +197,7 @@ def postprocess_label(cfg) -> dict:
     if mode == "reference":
         k = reference_kernel(cfg.tiling.patch_size * cfg.tiling.mpp, cfg.tiling.mpp)
         label["smoothing"] = {"kernel_um": round(k["kernel_um"], 3), "sigma_um": round(k["sigma_um"], 3),
-                              "threshold": k["threshold"], "border": "reflect101",
+                              "threshold": k["threshold"], "border": "reflect101", "mask_mpp": cfg.tiling.mpp,
+                              "order": "un-cut argmax on the target-px canvas, uint8 blur, > 10 %, tissue cut",
                               "source": "cvblab/ZEUS inference/process_embeddings.py (Gaussian blur, > 10 %, tissue cut)"}
     return label
