@@ -3,11 +3,14 @@ CLAM's four-point selection, black edge padding, the CONCH tokenisation option, 
 smoothing and the offset-aware resampling the anchored grid needs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import openslide
 import pytest
 import torch
+from PIL import Image
 from shapely.geometry import box
 
 from _checkpoints import make_conch_tokenizer, write_conch_checkpoint
@@ -21,6 +24,8 @@ from zeus_ray.slides.tiling import make_grid, tile_origins, tile_table, tissue_a
 from zeus_ray.slides.tissue import read_thumbnail, segment_tissue
 from zeus_ray.storage.keys import run_key, tiling_key
 from zeus_ray.truth.annotations import Annotation, rasterise_annotation
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -170,3 +175,56 @@ def test_resample_nearest_offset_and_rasterise_origin():
     shifted = rasterise_annotation(ann, (10, 10), 10.0, (20, 30))
     plain = rasterise_annotation(ann, (10, 10), 10.0)
     assert np.array_equal(shifted[:-3, :-2], plain[3:, 2:])   # origin x 20, y 30: 2 columns, 3 rows and shifted.sum() == plain.sum() == 16
+
+
+# --- a grid anchored at the tissue without the rest of the profile: outputs stay aligned ---------
+
+def test_anchored_grid_outputs_stay_on_the_slide(tmp_path):
+    """`zeus run` with tiling.anchor=tissue alone: the cell grid starts at the tissue's bounding box,
+    and the metrics, mask.tiff and polygons are placed by that origin (checked against the
+    annotation and the stored cell mask, independently of the code that wrote them)."""
+    import json
+    import subprocess
+    import sys
+
+    import shapely
+    import tifffile
+    from shapely.geometry import shape
+
+    from _cohort import completed_results, make_cohort
+    manifest = make_cohort(tmp_path / "c", n=1)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "zeus_ray", "run", "--no-progress", "--set", f"input.manifest={manifest}",
+                        "--set", f"output.root={out}", "--set", "model.id=random:vit_tiny_patch16_224",
+                        "--set", f"cache.dir={tmp_path / 'cache'}", "--set", "tiling.anchor=tissue"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = completed_results(out)["syn-0"]
+    grid = json.loads(next(out.glob("slides/syn-0/tiles/*/tiles.json")).read_text())["grid"]
+    ox, oy = grid["origin_x"], grid["origin_y"]
+    assert ox % 224 and oy % 224                               # off the slide-origin lattice
+    with np.load(res / "maps.npz") as z:
+        tissue, cell0 = z["tissue"], float(z["cell0"])
+        assert z["origin0"].tolist() == [ox, oy]
+    cells = np.array(Image.open(next(res.glob("mask_*mpp.png")))) > 0
+    lesion = shapely.union_all([shape(f["geometry"]) for f in
+                                json.loads((tmp_path / "c" / "syn-0.geojson").read_text())["features"]])
+    f = 4
+    up = lambda m: np.kron(m, np.ones((f, f), dtype=bool)).astype(bool)  # noqa: E731
+    ys, xs = (np.mgrid[0:cells.shape[0] * f, 0:cells.shape[1] * f] + 0.5) * (cell0 / f)
+    truth = shapely.contains_xy(lesion, xs + ox, ys + oy) & up(tissue)
+    pred = up(cells) & up(tissue)
+    tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+    assert json.loads((res / "metrics.json").read_text())["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-9)
+    assert truth.sum() > 20 and tp > 0
+    d = json.loads((res / "result.json").read_text())["viewer_downsample"]
+    tiff = tifffile.imread(res / "mask.tiff", level=0) > 0
+    vy, vx = (np.mgrid[0:tiff.shape[0], 0:tiff.shape[1]] + 0.5) * d
+    ci, cj = np.floor((vy - oy) / cell0).astype(int), np.floor((vx - ox) / cell0).astype(int)
+    inside = (ci >= 0) & (cj >= 0) & (ci < cells.shape[0]) & (cj < cells.shape[1])
+    want = np.zeros_like(tiff)
+    want[inside] = cells[ci[inside], cj[inside]]
+    assert np.array_equal(tiff, want) and tiff.any()
+    polys = shapely.union_all([shape(f["geometry"]) for f in json.loads((res / "prediction.geojson").read_text())["features"]])
+    assert abs(polys.area - tiff.sum() * d * d) < 0.05 * polys.area   # the polygons outline the viewer raster
+    assert polys.intersection(shapely.box(ox, oy, ox + 1e9, oy + 1e9)).area == pytest.approx(polys.area)
