@@ -69,10 +69,10 @@ def screenshot_stats(png: Path) -> tuple[float, float]:
 
 def expected_counts(root: str, prompt_key: str) -> tuple[int, int]:
     """(ok slides, error rows) from the stored slides table."""
-    from zeus_ray.results.cohort_tables import ERROR_STATUSES, cohort_dir
+    from zeus_ray.storage.keys import ERROR_STATUSES
     from zeus_ray.storage.store import OutputStore
     store = OutputStore(root)
-    df = store.read_parquet(f"{cohort_dir(store, prompt_key)}/slides.parquet").to_pandas()
+    df = store.read_parquet(f"{store.cohort_dir(prompt_key)}/slides.parquet").to_pandas()
     ann = df["annotation_error"].fillna("").astype(str).str.len().gt(0).sum() if "annotation_error" in df else 0
     return int((df["status"] == "ok").sum()), int(df["status"].isin(ERROR_STATUSES).sum() + ann)
 

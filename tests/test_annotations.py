@@ -128,6 +128,23 @@ def test_grid_rasteriser_matches_point_in_polygon():
     assert r.sum() > 1000 and not r[60:100, 100:130].all()  # the hole is empty somewhere
 
 
+def test_grid_rasteriser_matches_point_in_polygon_on_random_shapes():
+    """Polygons that cross the grid's edges, vertices on cell centres and edges (the rounding cases of a
+    pixel filler), holes: every cell as shapely's point-in-polygon at its centre says."""
+    rng = np.random.default_rng(7)
+    for k in range(300):
+        h, w = (int(v) for v in rng.integers(5, 60, 2))
+        cell0 = float(rng.choice([0.5, 1.0, 3.7, 112.0]))
+        n = int(rng.integers(3, 12))
+        pts = (rng.integers(-4, 2 * max(h, w) + 4, (n, 2)) / 2.0 if k % 2
+               else rng.uniform(-5, max(h, w) + 5, (n, 2))) * cell0
+        g = shapely.make_valid(Polygon(pts))
+        g = shapely.union_all([p for p in shapely.get_parts(g) if p.geom_type.endswith("Polygon")])
+        if k % 3 == 0:
+            g = g.difference(shapely.Point(*pts.mean(0)).buffer(cell0 * rng.uniform(1, 6)))
+        assert (rasterise_geometry(g, (h, w), cell0) == centres_inside(g, (h, w), cell0)).all(), k
+
+
 def test_four_formats_give_identical_rasters(lesion_files, tmp_path):
     want = centres_inside(lesion(), GRID, CELL0)
     qp = read_annotation(lesion_files["geojson"], tumour_classes=["TUMOR"])

@@ -5,6 +5,7 @@ by scripts/check_report_in_browser.py)."""
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
@@ -151,7 +152,7 @@ def test_run_writes_self_contained_report(run):
     errors = page.tables["errors-table"][1:]
     assert [r[:2] for r in errors] == [["bad-1", "failed"]] and "<script>" in errors[0][2]
     assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;&amp;" in text
-    assert "<i>A&B</i>" not in text and "&lt;i&gt;A&amp;B&lt;/i&gt;&quot;" in text
+    assert "<i>A&B</i>" not in text and "&lt;i&gt;A&amp;B&lt;/i&gt;&#34;" in text   # markupsafe writes " as &#34;
     assert "dice-plot" in page.ids and text.count('class="pt"') == 2 * 2   # per dataset + per centre
     for fact in ("random:vit_tiny_patch16_224", pk, "normal, tumor", "448 px tiles at 1 µm/px (10x), stride 112 px (75% overlap)"):
         assert fact in text
@@ -332,3 +333,45 @@ def test_gallery_pages_large_cohorts(tmp_path):
     small.write_parquet(small.path("cohort", "pk", "slides.parquet"), pa.Table.from_pandas(df.head(3)))
     small.write_json(small.path("cohort", "pk", "run.json"), {"config": {}, "prompt_key": "pk"})
     assert 'id="next"' not in build_report(small, "pk")     # one page: no pager
+
+
+def test_report_escapes_markup_in_ids_classes_and_names(tmp_path):
+    """Slide ids, dataset/centre names, class names and messages holding markup reach the page as text
+    in every section (settings, tables, plot, gallery, slides, ablation, errors): autoescape."""
+    import pyarrow as pa
+    evil = "<script>alert('x')</script>"
+    store = OutputStore(str(tmp_path))
+    ids = ["s0", f"s1{evil}", f"s2{evil}"]     # a stored slide's id is a safe folder name (s0 has an overlay)
+    df = pd.DataFrame({"slide_id": ids, "status": ["ok", "ok", "failed"], "tiling_key": ["tk", None, None],
+                       "dataset": [f"d{evil}"] * 3, "center": [f"c{evil}", None, None], "dice": [0.5, 0.75, None],
+                       "precision": [0.5, 0.5, None], "recall": [1.0, 1.0, None], "n_tiles": [4, 4, 0],
+                       "annotation_error": [f"bad class {evil}", None, None],
+                       "error": [None, None, f"slide {ids[2]!r}: {evil} cannot be read"]})
+    store.write_parquet(store.path("cohort", "pk", "slides.parquet"), pa.Table.from_pandas(df))
+    table = pd.DataFrame({"dataset": [f"d{evil}"], "n_slides": [2], "dice_mean": [0.625], "dice_std": [0.125],
+                          "precision_mean": [0.5], "precision_std": [0.0], "recall_mean": [1.0], "recall_std": [0.0]})
+    store.write_bytes(store.path("cohort", "pk", "table1.csv"), table.to_csv(index=False).encode())
+    store.write_json(store.path("cohort", "pk", "run.json"),
+                     {"config": {"model": {"id": f"m{evil}"}}, "prompt_key": "pk", "classes": [f"tumour{evil}", "normal"]})
+    ablation = pd.DataFrame({"dataset": [f"d{evil}"], "variant": [f"-{evil}"], "mean": [0.5], "delta_vs_full": [0.1],
+                             "count": [2]})
+    store.write_bytes(store.path("cohort", "pk", "ablation", "summary.csv"), ablation.to_csv(index=False).encode())
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(buf, format="JPEG")
+    store.write_bytes(f"{store.slide_dir(ids[0], 'results', 'tk', 'pk')}/overlay.jpg", buf.getvalue())
+
+    text = build_report(store, "pk", workers=1)
+    page = Page(text)
+    assert "<script>alert" not in text and text.count("<script>") == 1         # only the page's own script
+    assert page.tables[None][5] == ["Classes", f"tumour{evil}, normal"]
+    assert page.tables["table1"][1][0] == f"d{evil}"
+    assert [r[0] for r in page.tables["slides-table"][1:]] == ids
+    assert [c["id"] for c in page.cards] == ids[:2] and page.cards[0]["img"].startswith("data:image/jpeg;base64,")
+    assert page.cards[1]["img"] is None and page.cards[1]["text"].startswith(f"no overlay image{ids[1]}")
+    assert f"bad class {evil}" in page.cards[0]["text"] and f"c{evil}" in page.cards[0]["text"]
+    assert page.tables["ablation-table"][1][:2] == [f"d{evil}", f"-{evil}"]
+    assert page.tables["errors-table"][1:] == [[ids[2], "failed", f"slide {ids[2]!r}: {evil} cannot be read"],
+                                               [ids[0], "no metrics", f"bad class {evil}"]]
+    titles = re.findall(r"<title>(.*?)</title>", text)
+    assert titles[0] == f"zeus_ray report: m{evil.replace('<', '&lt;').replace('>', '&gt;').replace(chr(39), '&#39;')} / pk"
+    assert sum(f"{ids[1]}: Dice 0.750" == html.unescape(t) for t in titles) == 2    # one dot per plot row

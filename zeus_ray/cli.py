@@ -30,11 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_set_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set tiling.overlap=0.5 (repeatable)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -11,7 +11,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
-from .truth.classes import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS
 from .errors import ConfigError
 
 # µm/px assumed for a nominal objective magnification when a slide has no mpp in its metadata:
@@ -22,6 +21,23 @@ MPP_AT_10X = 1.0
 # magnification.resolve_mpp treats such metadata as missing; overrides outside them are errors.
 MIN_PLAUSIBLE_MPP = 0.05
 MAX_PLAUSIBLE_MPP = 20.0
+
+# The annotation-class vocabulary (truth/classes.py applies it; docs/annotations.md explains it).
+DEFAULT_TUMOUR_TERMS: tuple[str, ...] = (
+    "tumour", "tumours", "tumor", "tumors", "tumoral", "tumoural",
+    "*oma", "*omas",                                   # carcinoma, adenocarcinoma, sarcoma, melanoma, leiomyoma, ...
+    "neoplasm", "neoplasms", "neoplasia", "neoplastic",
+    "cancer", "cancers", "cancerous", "malignant", "malignancy",
+    "metastasis", "metastases", "metastatic",
+    "micrometastasis", "micrometastases", "macrometastasis", "macrometastases",
+    "lesion", "lesions", "invasive", "in situ", "dcis", "lcis", "idc", "ilc",
+    "_0", "_1",                                        # CAMELYON16 metastasis groups
+)
+DEFAULT_EXCLUDE_TERMS: tuple[str, ...] = (
+    "_2",                                              # CAMELYON16 exclusion group
+    "exclusion", "exclusions", "exclude", "excluded",
+    "normal",                                          # CAMELYON17 "normal" regions inside metastases
+)
 
 
 def mpp_for_magnification(magnification: float) -> float:
@@ -144,7 +160,7 @@ class ModelConfig(_Section):
     weights: str | None = Field(None, description="local dir/file or bucket URI; default: the hub repo of the model")
     tokenizer: str | None = Field(None, description="tokenizer file/dir where the weights do not ship one (CONCH)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="autocast dtype of the encoder; auto: bfloat16 on a GPU that has it (else float16), float32 on CPU; float16 is GPU-only")
     batch_size: int | None = Field(None, gt=0, description="tiles per encoder call; default from the device")
     conch_tokenization: Literal["conch", "zeus-pinned"] = Field(
         "conch", description="CONCH prompts' byte-level BPE: conch: a space before the first word (the tokenizer "
@@ -158,9 +174,9 @@ class PromptsConfig(_Section):
 
 class OutputConfig(_Section):
     root: str = Field("zeus_output", description="output root, local path or bucket URI")
-    embedding_dtype: Literal["float16", "float32"] = "float16"
-    preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.png, heat-maps), px")
-    heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.png and heatmap_prob_<tumour>.png per slide")
+    embedding_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the stored embedding parts")
+    preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.jpg, heat-maps), px")
+    heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.jpg and heatmap_prob_<tumour>.jpg per slide")
     tiling_preview: bool = Field(False, description="also write the annotated tiling thumbnail (tiles/…/thumbnail.png), as `zeus tiles` does")
 
 

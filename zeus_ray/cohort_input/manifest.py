@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..config import InputConfig
 from ..errors import ConfigError, ZeusError
-from ..slides.access import _cause, _filesystem, _protocol, _redact, _secrets
+from ..storage import inputs
 from ..storage.store import check_slide_id
 
 REQUIRED = ("slide_id", "uri")
@@ -56,19 +56,19 @@ def _clean(value):
 def _remote_error(what: str, uri: str, e: Exception, storage_options: dict | None) -> ConfigError:
     """One line naming the input and why the backend refused, without credentials."""
     opts = storage_options or {}
-    anon = opts.get("anon") or (opts.get(_protocol(uri)) or {}).get("anon")
+    anon = opts.get("anon") or (opts.get(inputs.protocol(uri)) or {}).get("anon")
     refused = isinstance(e, PermissionError) or "credential" in type(e).__name__.lower()
-    return ConfigError(f"{what} {_redact(uri)}: {_redact(_cause(e, _protocol(uri)), _secrets(storage_options))}"
+    return ConfigError(f"{what} {inputs.redact(uri)}: {inputs.redact(inputs.error_cause(e, inputs.protocol(uri)), inputs.secret_values(storage_options))}"
                        + (" (a public bucket needs input.storage_options {anon: true})" if refused and not anon else ""))
 
 
 def read_manifest(uri: str, storage_options: dict | None = None) -> list[SlideEntry]:
     try:
-        fs, path = _filesystem(uri, storage_options)
+        fs, path = inputs.filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"input.manifest {_redact(uri)}: file not found") from None
+        raise ConfigError(f"input.manifest {inputs.redact(uri)}: file not found") from None
     except Exception as e:  # noqa: BLE001 - access, network: one line, no credentials
         raise _remote_error("input.manifest", uri, e, storage_options) from None
     try:
@@ -111,7 +111,7 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> list[SlideEn
 
 def glob_slides(pattern: str, storage_options: dict | None = None) -> list[SlideEntry]:
     try:
-        fs, path = _filesystem(pattern, storage_options)
+        fs, path = inputs.filesystem(pattern, storage_options)
         paths = fs.glob(path)
     except Exception as e:  # noqa: BLE001 - access, network: one line, no credentials
         raise _remote_error("input.glob", pattern, e, storage_options) from None

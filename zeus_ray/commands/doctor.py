@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_set_option
+from .options import add_set_option
 
 
 def _count(text: str) -> int:

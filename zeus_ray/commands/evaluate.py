@@ -3,7 +3,7 @@ recompute metrics, tables and the report from stored results (no slide read, no 
 Exit status 1 when any slide's annotation could not be used (its metrics are then missing)."""
 from __future__ import annotations
 
-from ..cli import add_set_option
+from .options import add_set_option
 
 
 def register(sub) -> None:

@@ -3,7 +3,7 @@ and print the cosine between class embeddings (classes close to 1 are hard to se
 and the prompt key."""
 from __future__ import annotations
 
-from ..cli import add_set_option
+from .options import add_set_option
 from ..config import load_config
 
 

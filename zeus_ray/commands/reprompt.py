@@ -4,7 +4,7 @@ Encodes only the new prompts, recomputes similarities, maps, masks, metrics and 
 the new prompt key; earlier results stay. Reads no slide and encodes no image."""
 from __future__ import annotations
 
-from ..cli import add_set_option
+from .options import add_set_option
 from ..config import load_config
 from ..errors import ConfigError
 from ..storage.store import OutputStore

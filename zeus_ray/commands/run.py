@@ -1,7 +1,7 @@
 """`zeus run CONFIG [--set key=value ...] [--address ADDR]`: the cohort job."""
 from __future__ import annotations
 
-from ..cli import add_set_option
+from .options import add_set_option
 from ..config import load_config
 
 

@@ -6,7 +6,7 @@ import posixpath
 import time
 from pathlib import Path
 
-from ..cli import add_set_option
+from .options import add_set_option
 from ..config import load_config
 from ..errors import ConfigError
 

@@ -13,44 +13,16 @@ import shutil
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ZeusError
+from .lines import FAIL, OK, WARN, Context, Line, first_line, redact
+from .model_checks import check_tokenizer, check_weights
 
-OK, WARN, FAIL = "ok", "warn", "fail"
-Line = tuple[str, str]
 POOL = 16          # parallel stat calls (bucket round trips dominate)
 MAX_NAMED = 10     # missing slides named one by one
 RAY_TIMEOUT_S = 60
-
-
-@dataclass
-class Context:
-    config: str | None
-    overrides: list[str]
-    address: str | None = None
-    sample_size: int = 5
-    cfg: object = None                      # JobConfig once valid
-    entries: list | None = None             # SlideEntry list once the cohort loads
-    sizes: dict[str, int | None] = field(default_factory=dict)   # existing slide uri → bytes
-    mpp0: dict[str, float] = field(default_factory=dict)         # sampled slide id → level-0 µm/px
-    weight_roles: set[str] | None = None    # roles located beside the weights (tokenizer check)
-    tumour_class: str | None = None         # the prompt set's, which annotations count as tumour too
-
-    def cluster_address(self) -> str | None:
-        return self.address or (self.cfg.ray.address if self.cfg else None) or os.environ.get("RAY_ADDRESS")
-
-
-def _redact(text: str) -> str:
-    from ..slides.access import _redact as redact
-    return redact(text)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return _redact(f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__)
 
 
 def _size(n: float) -> str:
@@ -94,18 +66,18 @@ def check_cohort(ctx: Context) -> list[Line]:
 
 def _stat(uri: str, options: dict) -> tuple[bool, int | None, str | None]:
     """(exists, size, error) for a local path or any fsspec URI; never raises."""
-    from ..slides.access import _cause, _filesystem, _local_path
+    from ..storage import inputs
     if not _is_remote(uri):
-        path = _local_path(uri)
+        path = inputs.local_path(uri)
         return os.path.exists(path), (os.path.getsize(path) if os.path.isfile(path) else None), None
     try:
-        fs, path = _filesystem(uri, options)
+        fs, path = inputs.filesystem(uri, options)
         info = fs.info(path)
         return True, info.get("size") if info.get("type") != "directory" else None, None
     except FileNotFoundError:
         return False, None, None
     except Exception as e:  # noqa: BLE001 - credentials, endpoint: reported, not raised
-        return False, None, _cause(e, uri.split("://", 1)[0])
+        return False, None, inputs.error_cause(e, uri.split("://", 1)[0])
 
 
 def _exist_lines(what: str, items: list[tuple[str, str]], results: list) -> list[Line]:
@@ -113,7 +85,7 @@ def _exist_lines(what: str, items: list[tuple[str, str]], results: list) -> list
     errors = [(sid, err) for (sid, _), (ok, _, err) in zip(items, results) if err is not None]
     lines: list[Line] = []
     if missing:
-        named = "; ".join(f"{sid} ({_redact(uri)})" for sid, uri in missing[:MAX_NAMED])
+        named = "; ".join(f"{sid} ({redact(uri)})" for sid, uri in missing[:MAX_NAMED])
         more = f"; +{len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else ""
         lines.append((FAIL, f"{what}: {len(missing)} of {len(items)} missing: {named}{more}; fix the uris "
                             f"in the manifest or upload the files"))
@@ -229,9 +201,9 @@ def check_output(ctx: Context) -> list[Line]:
         for d in created:
             d.rmdir()
     except Exception as e:  # noqa: BLE001 - any backend error is the answer
-        return [(FAIL, f"output.root {_redact(root)} is not writable ({_first_line(e)[:200]}); set output.root "
+        return [(FAIL, f"output.root {redact(root)} is not writable ({first_line(e)[:200]}); set output.root "
                        f"to a folder or bucket this job can write")]
-    return [(OK, f"output.root {_redact(root)}: writable (probe file written and removed)")]
+    return [(OK, f"output.root {redact(root)}: writable (probe file written and removed)")]
 
 
 def check_devices(ctx: Context) -> list[Line]:
@@ -290,7 +262,7 @@ def check_ray(ctx: Context) -> list[Line]:
     out = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ZEUS-DOCTOR ")), None)
     if out is None:
         err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        return [(FAIL, f"ray: cannot join the cluster at {address}: {_redact(err[-1] if err else 'no output')[:300]}")]
+        return [(FAIL, f"ray: cannot join the cluster at {address}: {redact(err[-1] if err else 'no output')[:300]}")]
     return cluster_lines(address, json.loads(out.removeprefix("ZEUS-DOCTOR ")), ctx.cfg)
 
 
@@ -350,7 +322,6 @@ def check_cache(ctx: Context) -> list[Line]:
 
 def checks() -> list[tuple[str, Callable[[Context], list[Line]], str]]:
     """(name, check, the Context field it needs) in the order they run and print."""
-    from .model_checks import check_tokenizer, check_weights   # that module builds on this one
     return [
         ("config", check_config, ""),
         ("prompts", check_prompts, "cfg"),
@@ -380,7 +351,7 @@ def run_doctor(config: str | None, overrides: list[str] | None = None, address: 
         except ZeusError as e:
             lines = [(FAIL, str(e))]
         except Exception as e:  # noqa: BLE001 - a broken check is one fail line, not the end
-            lines = [(FAIL, f"{name}: check failed ({_first_line(e)[:300]})")]
+            lines = [(FAIL, f"{name}: check failed ({first_line(e)[:300]})")]
         for status, message in lines:
             counts[status] += 1
             echo(f"{status:<4} {message}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checks import FAIL, OK, WARN, Context, Line, _first_line
+from ..encoders.weights import hub_offline
+from .lines import FAIL, OK, WARN, Context, Line, first_line
 
 
 def hub_token() -> str | None:
@@ -19,11 +20,6 @@ def hub_token() -> str | None:
         return f"the token file {path} (`hf auth login`)" if path.read_text().strip() else None
     except OSError:
         return None
-
-
-def _offline() -> bool:
-    from ..encoders.weights import _offline as offline
-    return offline()
 
 
 def _login_hint(mf) -> str:
@@ -47,7 +43,7 @@ def _probe_hub(mf) -> Line:
         return FAIL, f"weights: hub repo {mf.hub_repo} not found or not accessible with your token; {_login_hint(mf)}"
     except Exception as e:  # noqa: BLE001 - no network, proxy, entry not found
         return FAIL, (f"weights: hub repo {mf.hub_repo} is not in this machine's hub cache and the hub cannot be "
-                      f"reached ({_first_line(e)[:160]}); use {fetch}")
+                      f"reached ({first_line(e)[:160]}); use {fetch}")
     size = f"{meta.size / 1e9:.2f} GB " if meta.size else ""
     return WARN, (f"weights: hub repo {mf.hub_repo} is not cached here; {name} ({size}reachable from this "
                   f"machine) is downloaded on every node at start, which fails on nodes without internet; "
@@ -80,7 +76,7 @@ def check_weights(ctx: Context) -> list[Line]:
                                 f"`zeus models fetch {mf.model_id} --to DIR_OR_BUCKET` and model.weights"))
         else:
             lines.append((OK, f"weights: {where}"))
-    elif _offline():
+    elif hub_offline():
         wanted = ", ".join(" or ".join(mf.required[r]) for r in missing)
         lines.append((FAIL, f"weights: {wanted} of hub repo {mf.hub_repo} not in the hub cache ({hub_cache_dir()}) "
                             f"and HF_HUB_OFFLINE=1; {mf.how_to}"))
@@ -90,7 +86,7 @@ def check_weights(ctx: Context) -> list[Line]:
     else:
         lines.append(_probe_hub(mf))
     if mf.gated:   # a gated repo's files are checked against the hub even when cached, unless offline
-        if _offline() and not missing:
+        if hub_offline() and not missing:
             lines.append((OK, "hub token: not needed (HF_HUB_OFFLINE=1 and the weights are cached)"))
         elif token is None:
             lines.append((FAIL, f"hub token: none found (HF_TOKEN unset, no token file) for gated repo "

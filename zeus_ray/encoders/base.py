@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+
+from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,6 @@ def run_in_batches(n: int, batch_size: int, step: Callable[[int, int], None], *,
         if on_oom is not None:
             on_oom(batch_size)
     return batch_size
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a user needs to know about a registered model (`zeus models` prints these)."""
-    id: str
-    weights_source: str          # hub repo id, or "built-in" for random demo models
-    licence: str
-    gated: bool
-    input_size: int              # side of the square crop fed to the image tower
-    resize_size: int             # shortest side after resize, before the center crop
-    interpolation: str           # "bicubic" | "bilinear"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    embed_dim: int
-    tokenizer: str
-    context_length: int
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class Encoder(ABC):
@@ -181,7 +163,7 @@ class TorchEncoder(Encoder):
         return np.concatenate(out) if out else np.zeros((0, self.spec.embed_dim), np.float32)
 
     def warmup(self, calls: int = 2, batch: int = 1) -> None:
-        """CPU bf16 autocast is slow for its first calls (oneDNN primitive set-up, DESIGN §5)."""
+        """CPU bf16 autocast is slow for its first calls (oneDNN primitive set-up)."""
         size = self.spec.input_size
         for _ in range(calls):
             self.encode_images(np.zeros((batch, size, size, 3), np.uint8))

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
-from .base import ModelSpec, TorchEncoder
+from .base import TorchEncoder
+from .spec import ModelSpec
 from .checkpoint import load_state_dict_file, strict_load
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .weights import resolve_weights, weights_fingerprint

@@ -255,7 +255,7 @@ class ConchTokenizer:
         from tokenizers import Tokenizer
         from tokenizers.processors import TemplateProcessing
 
-        file = _find_tokenizer_file(Path(path).expanduser())
+        file = find_tokenizer_file(Path(path).expanduser())
         try:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:
@@ -313,7 +313,7 @@ def _without_prefix_space(tok):
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def _find_tokenizer_file(path: Path) -> Path:
+def find_tokenizer_file(path: Path) -> Path:
     """A JSON file, or a directory (e.g. the installed official package) holding exactly one
     `*bpe*.json` file."""
     if path.is_file():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, WeightsError
-from .weights import (_BUCKET_RE, MANIFEST_FORMAT, MANIFEST_NAME, Candidates, file_sha256, parse_manifest,
+from .weights import (BUCKET_RE, MANIFEST_FORMAT, MANIFEST_NAME, Candidates, file_sha256, parse_manifest,
                       resolve_weights)
 
 # The name the official CONCH package gives its BPE file (registry messages use it too).
@@ -40,7 +40,7 @@ class ModelFiles:
 def model_files(model_id: str) -> ModelFiles:
     """The file roles of a registered id or a generic family, as their loaders ask for them."""
     from .clip_models import HF_CLIP_FILES, HF_CLIP_OPTIONAL, OPEN_CLIP_WEIGHTS
-    from .registry import CONCH_TOKENIZER_NAMES, HOW_TO_LOCAL, KEEP_TOKENIZER_FILES, MODELS, _how_to
+    from .registry import CONCH_TOKENIZER_NAMES, HOW_TO_LOCAL, KEEP_TOKENIZER_FILES, MODELS, how_to_fetch
 
     mid = model_id.strip()
     open_clip_optional = {"config": ("open_clip_config.json",),
@@ -56,7 +56,7 @@ def model_files(model_id: str) -> ModelFiles:
             required, optional = HF_CLIP_FILES, HF_CLIP_OPTIONAL
         elif mid == "quiltnet":
             required, optional = {"weights": OPEN_CLIP_WEIGHTS, "config": ("open_clip_config.json",)}, open_clip_optional
-        return ModelFiles(mid, spec.weights_source, required, optional, spec.gated, _how_to(spec))
+        return ModelFiles(mid, spec.weights_source, required, optional, spec.gated, how_to_fetch(spec))
     if mid.startswith("hf-clip:") and len(mid) > len("hf-clip:"):
         return ModelFiles(mid, mid.removeprefix("hf-clip:"), HF_CLIP_FILES, HF_CLIP_OPTIONAL, False, HOW_TO_LOCAL)
     if mid.startswith("open_clip:hf-hub:") and len(mid) > len("open_clip:hf-hub:"):
@@ -75,13 +75,13 @@ def conch_tokenizer_file(given: str | None) -> Path | None:
     """CONCH's BPE file: `given` (file, or a folder holding one *bpe*.json), else the installed
     official package; None when neither exists. The file's special tokens are checked."""
     from ..config import ModelConfig
-    from .conch import ConchTokenizer, _find_tokenizer_file
-    from .registry import _conch_tokenizer_path
+    from .conch import ConchTokenizer, find_tokenizer_file
+    from .registry import conch_tokenizer_path
 
-    where = _conch_tokenizer_path(ModelConfig(id="conch", tokenizer=given))
+    where = conch_tokenizer_path(ModelConfig(id="conch", tokenizer=given))
     if where is None:
         return None
-    file = _find_tokenizer_file(where)
+    file = find_tokenizer_file(where)
     ConchTokenizer(file, expected_pad_id=None)   # one WeightsError line when it is not CONCH's
     return file
 
@@ -122,7 +122,7 @@ class _Dest:
     def __init__(self, uri: str):
         import fsspec
         self.uri = uri.rstrip("/")
-        self.remote = bool(_BUCKET_RE.match(uri)) and not uri.startswith("file://")
+        self.remote = bool(BUCKET_RE.match(uri)) and not uri.startswith("file://")
         if self.remote:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         else:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..errors import ZeusError
-from .base import ModelSpec
+from .spec import ModelSpec
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

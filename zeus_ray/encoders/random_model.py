@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import ModelSpec, TorchEncoder
+from .base import TorchEncoder
+from .spec import ModelSpec
 
 EMBED_DIM = 512
 TEXT_BUCKETS = 1 << 15

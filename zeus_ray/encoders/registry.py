@@ -2,7 +2,7 @@
 
 Registered ids: conch, keep, plip, quiltnet. Generic families: `open_clip:<model name | hf-hub:repo>`,
 `hf-clip:<hub id>` and `random:<timm model>[:<seed>]` (seeded random weights, for the demo, tests
-and benchmarks). Specs state the published facts (DESIGN.md §3); CLIP-style loaders refine them
+and benchmarks). Specs state the published facts (papers and model cards); CLIP-style loaders refine them
 from the preprocessing config shipped with the weights.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, WeightsError
-from .base import ModelSpec, TorchEncoder
+from .base import TorchEncoder
+from .spec import ModelSpec
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .weights import resolve_weights, weights_fingerprint
 
@@ -74,7 +75,7 @@ class RegistryEntry:
     build: Callable[[ModelSpec, ModelConfig, Runtime], TorchEncoder]
 
 
-def _how_to(spec: ModelSpec) -> str:
+def how_to_fetch(spec: ModelSpec) -> str:
     if spec.gated:
         return (f"log in with `hf auth login` (or `huggingface-cli login`, or set HF_TOKEN) after accepting "
                 f"the terms at https://huggingface.co/{spec.weights_source}, or {HOW_TO_LOCAL}")
@@ -98,7 +99,7 @@ CONCH_TOKENIZER_HELP = (
     "in this environment (git clone https://github.com/mahmoodlab/CONCH.git, then pip install -e CONCH)")
 
 
-def _conch_tokenizer_path(cfg: ModelConfig) -> Path | None:
+def conch_tokenizer_path(cfg: ModelConfig) -> Path | None:
     """CONCH's tokenizer file: model.tokenizer, else the one inside the installed official package."""
     return _conch_tokenizer_lookup(cfg)[0]
 
@@ -135,7 +136,7 @@ def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder
     # hub repo does not, so it is not asked for there.
     beside = {"tokenizer": CONCH_TOKENIZER_NAMES} if cfg.weights and not cfg.tokenizer else None
     files = resolve_weights(spec.id, cfg.weights, spec.weights_source, spec.extra["files"], beside,
-                            how_to=_how_to(spec))
+                            how_to=how_to_fetch(spec))
     sd = load_state_dict_file(files["weights"])
     # The small test variant of the same classes is recognised by its shapes, so a test can run it
     # through `zeus run` (a full-size checkpoint never matches them).
@@ -169,7 +170,7 @@ def _build_keep(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
     from .keep import KeepTokenizer, build_keep, keep_buffers, load_keep_weights
 
     files = resolve_weights(spec.id, cfg.weights, spec.weights_source, spec.extra["files"],
-                            KEEP_TOKENIZER_FILES, how_to=_how_to(spec))
+                            KEEP_TOKENIZER_FILES, how_to=how_to_fetch(spec))
     model = build_loaded(lambda: build_keep(tiny=rt.tiny), load_keep_weights,
                          load_state_dict_file(files["weights"]), source=str(files["weights"]), buffers=keep_buffers)
     if rt.tiny:
@@ -197,14 +198,14 @@ def _build_keep(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
 def _build_plip(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
     from .clip_models import build_hf_clip
     return build_hf_clip(spec, cfg, device=rt.device, amp_dtype=rt.amp_dtype, batch_size=rt.batch_size,
-                         how_to=_how_to(spec))
+                         how_to=how_to_fetch(spec))
 
 
 def _build_quiltnet(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
     from .clip_models import build_open_clip
     # Architecture from the repo's open_clip_config.json (required: it states the activation).
     return build_open_clip(spec, cfg, None, spec.weights_source, device=rt.device, amp_dtype=rt.amp_dtype,
-                           batch_size=rt.batch_size, how_to=_how_to(spec))
+                           batch_size=rt.batch_size, how_to=how_to_fetch(spec))
 
 
 MODELS: dict[str, RegistryEntry] = {
@@ -248,12 +249,6 @@ def resolve_amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
 
 def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
-
-
-def spec_for(model_id: str) -> ModelSpec | None:
-    """The registered spec of an id (None for the generic families)."""
-    entry = MODELS.get(model_id)
-    return entry.spec if entry else None
 
 
 def load_encoder(cfg: ModelConfig, *, tiny: bool = False) -> TorchEncoder:

@@ -24,7 +24,7 @@ from ..errors import WeightsError
 
 Candidates = Mapping[str, Sequence[str]]   # role → acceptable file names, preferred first
 
-_BUCKET_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+BUCKET_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _HASH_MEMO: dict[tuple[str, int, int], str] = {}
 MANIFEST_NAME = "zeus_weights.json"
 MANIFEST_FORMAT = "zeus_weights/1"
@@ -58,7 +58,7 @@ def hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     # Read at call time (huggingface_hub reads its constant once, at import).
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -75,7 +75,7 @@ def resolve_weights(model_id: str, weights: str | None, hub_repo: str | None,
     """
     optional = optional or {}
     if weights:
-        if _BUCKET_RE.match(weights) and not weights.startswith("file://"):
+        if BUCKET_RE.match(weights) and not weights.startswith("file://"):
             return _from_bucket(model_id, weights, required, optional, how_to)
         return _from_local(model_id, Path(weights.removeprefix("file://")).expanduser(), required, optional, how_to)
     if not hub_repo:
@@ -199,7 +199,7 @@ def _from_hub(model_id: str, repo: str, required: Candidates, optional: Candidat
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    offline = _offline()
+    offline = hub_offline()
     unreachable = False
     cache_dir = hub_cache_dir()
     files: dict[str, Path] = {}
@@ -310,7 +310,7 @@ def locate_weights(model_id: str, weights: str, required: Candidates, optional: 
     required files and that their sizes match the manifest when there is one. Returns a short
     description and the roles found (optional ones included)."""
     optional = optional or {}
-    if _BUCKET_RE.match(weights) and not weights.startswith("file://"):
+    if BUCKET_RE.match(weights) and not weights.startswith("file://"):
         fs, folder, remote = _bucket_files(model_id, weights, required, optional, how_to)
         proto = weights.split("://", 1)[0]
         manifest = _bucket_manifest(fs, folder, proto)

@@ -14,14 +14,10 @@ from ..storage.store import OutputStore
 log = logging.getLogger(__name__)
 
 
-def cohort_dir(store: OutputStore, prompt_key: str) -> str:
-    return store.path("cohort", prompt_key)
-
-
 def write_cohort_outputs(store: OutputStore, summary, cfg, prompt_set) -> str:
     """slides/errors tables, Table 1/2, run.json and the report; run.json records how long the
     tables and the report took."""
-    out = cohort_dir(store, summary.prompt_key)
+    out = store.cohort_dir(summary.prompt_key)
     t0 = time.perf_counter()
     write_slide_tables(store, out, pd.DataFrame(summary.rows), cfg.model.id)
     run = {"config": cfg.model_dump(), "prompt_key": summary.prompt_key, "prompt_file": cfg.prompts.file,

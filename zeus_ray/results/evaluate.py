@@ -256,11 +256,11 @@ class EvaluateSummary:
 
 def evaluate_results(root: str, prompt_key: str | None = None, annotations: str | None = None,
                      overrides: list[str] | None = None, workers: int = 4, report: bool = True) -> EvaluateSummary:
-    from .cohort_tables import cohort_dir, write_slide_tables
+    from .cohort_tables import write_slide_tables
     t0 = time.perf_counter()
     store = OutputStore(root)
     pk = resolve_prompt_key(store, prompt_key)
-    out = cohort_dir(store, pk)
+    out = store.cohort_dir(pk)
     run = store.read_json(f"{out}/run.json")
     if not store.exists(f"{out}/slides.parquet"):
         raise ZeusError(f"{store.uri(out)}: no slides.parquet; the run did not write its cohort tables (re-run `zeus run`)")

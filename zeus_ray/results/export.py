@@ -138,16 +138,6 @@ def _write_bytes(data: bytes, path) -> str:
     return path
 
 
-def write_png(img: np.ndarray, path) -> str:
-    """Write an RGB (H, W, 3) or grey (H, W) uint8 image (bool → 0/255) as PNG to a path or URI."""
-    a = np.asarray(img)
-    a = a.astype(np.uint8) * 255 if a.dtype == bool else a
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(a, cv2.COLOR_RGB2BGR) if a.ndim == 3 else a)
-    if not ok:
-        raise ValueError(f"image of shape {a.shape} and dtype {a.dtype} cannot be encoded as PNG")
-    return _write_bytes(buf.tobytes(), path)
-
-
 def write_pyramidal_tiff(mask_or_prob: np.ndarray, path, mpp: float, tile: int = 256,
                          nearest: bool = False) -> list[tuple[int, int]]:
     """A tiled, zlib-compressed pyramidal TIFF (one page per level, each half the previous size until

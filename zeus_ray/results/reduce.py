@@ -20,7 +20,7 @@ from PIL import Image
 from ..errors import ZeusError
 from ..maps.rasterise import argmax_mask, average_maps, cell_geometry, grid_shape, resample_mask_to_grid, softmax_maps
 from ..storage.store import OutputStore
-from ..slides.tiling import GRID_METADATA_KEY, TileGrid
+from ..slides.tiling import TileGrid, grid_from_table_metadata
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class SlideGrid:
 
 def load_slide_grid(store: OutputStore, tiles_dir: str) -> SlideGrid:
     tiles = store.read_parquet(f"{tiles_dir}/tiles.parquet")
-    grid = TileGrid.from_json(tiles.schema.metadata[GRID_METADATA_KEY])
+    grid = grid_from_table_metadata(tiles)
     geom = cell_geometry(grid.patch_size, grid.stride)
     shape = grid_shape(grid.n_rows, grid.n_cols, geom)
     cell_um = geom.cell * grid.target_mpp

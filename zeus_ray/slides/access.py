@@ -15,110 +15,25 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from filelock import FileLock, Timeout
 from PIL import UnidentifiedImageError
 
 from ..config import CacheConfig
+from ..storage.inputs import LOCAL_PROTOCOLS, error_cause, filesystem, local_path, redact, secret_values
+from ..storage.inputs import protocol as uri_protocol
 from ..errors import SlideError
 
 log = logging.getLogger(__name__)
 
-_LOCAL_PROTOCOLS = {None, "file", "local"}
 _TMP_PREFIX = ".tmp-"
 _MiB = 1 << 20
 _SUPPORTED = ("supported: SVS, tiled TIFF, NDPI, MRXS, SCN, VMS, BIF, DICOM, ...; "
               "convert it to a tiled pyramidal TIFF, e.g. with `vips tiffsave in out.tif --tile --pyramid`")
-
-
-def _protocol(uri: str) -> str | None:
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", uri)
-    return m.group(1).lower() if m else None
-
-
-def _local_path(uri: str) -> str:
-    if _protocol(uri) in ("file", "local"):
-        return unquote(urlparse(uri).path)
-    return os.path.expanduser(uri)
-
-
-def _redact(text: str, secrets=()) -> str:
-    """Remove anything credential-like from a message: user:password@ in URLs, the values of
-    credential environment variables and `secrets` (a library may echo them back in an error)."""
-    text = re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
-    for value in secrets:
-        text = text.replace(value, "***")
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
-                "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING"):
-        value = os.environ.get(var)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
-def _cause(err: BaseException, protocol: str | None = None) -> str:
-    """One line saying why a remote call failed, without credentials."""
-    # fsspec's HTTP backend reports an unreachable server as FileNotFoundError: look at its cause.
-    inner = err.__cause__ or err.__context__
-    if isinstance(err, FileNotFoundError) and inner is not None and "connect" in type(inner).__name__.lower():
-        err = inner
-    name = type(err).__name__
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, FileNotFoundError):
-        hint = "no such bucket or object"
-    elif isinstance(err, PermissionError):
-        hint = "access denied (check the credentials and the bucket policy)"
-    elif "credential" in name.lower() or "credential" in msg.lower():
-        hint = "no usable credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
-    elif any(k in (name + msg).lower() for k in ("connect", "timeout", "timed out", "unreachable", "resolve")):
-        hint = ("cannot reach the endpoint (check AWS_ENDPOINT_URL and the network)" if protocol in ("s3", "s3a")
-                else "cannot reach the server (check the address and the network)")
-    else:
-        hint = name
-    return _redact(f"{hint} ({name}: {msg})" if msg and hint != name else f"{hint}: {msg}" if msg else hint)
-
-
-def _filesystem(uri: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path) for any input URI. `storage_options` (the config's
-    input.storage_options, e.g. {"anon": True}) apply to remote URIs only: flat keys to every
-    protocol, a key naming a protocol ({"s3": {...}, "gs": {...}}) to that protocol only."""
-    import fsspec
-
-    protocol = _protocol(uri)
-    options: dict = {}
-    if protocol in ("s3", "s3a"):
-        # Pass the endpoint explicitly: it also keys fsspec's instance cache, so a changed
-        # AWS_ENDPOINT_URL is honoured within one process.
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-        # Fail fast on an unreachable endpoint instead of botocore's long retry loop.
-        options["config_kwargs"] = {"connect_timeout": 10, "retries": {"max_attempts": 2}}
-    if storage_options and protocol not in _LOCAL_PROTOCOLS:
-        known = set(fsspec.available_protocols())
-        per = {k for k, v in storage_options.items() if k in known and isinstance(v, dict)}
-        given = {k: v for k, v in storage_options.items() if k not in per}
-        given.update(storage_options.get(protocol) or storage_options.get({"s3a": "s3"}.get(protocol, "")) or {})
-        for k, v in given.items():   # the user's client/config kwargs add to ours, not replace them
-            options[k] = {**options[k], **v} if isinstance(v, dict) and isinstance(options.get(k), dict) else v
-    return fsspec.core.url_to_fs(uri, **options)
-
-
-def _secrets(storage_options: dict | None) -> list[str]:
-    """String values of credential-like storage options, to scrub from messages."""
-    out = []
-    for k, v in (storage_options or {}).items():
-        if isinstance(v, dict):
-            out += _secrets(v)
-        elif isinstance(v, str) and len(v) >= 4 and any(w in str(k).lower() for w in ("key", "secret", "token", "password")):
-            out.append(v)
-    return out
 
 
 def _identity(info: dict) -> dict:
@@ -172,20 +87,20 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
     fetched once into the cache (with fsspec `storage_options`, the config's
     input.storage_options). Raises SlideError (reason `missing` or `remote`)."""
     sid = slide_id if slide_id is not None else uri
-    protocol = _protocol(uri)
-    if protocol in _LOCAL_PROTOCOLS:
-        path = _local_path(uri)
+    protocol = uri_protocol(uri)
+    if protocol in LOCAL_PROTOCOLS:
+        path = local_path(uri)
         if not os.path.exists(path):
             raise SlideError(sid, f"file not found: {path} (check the uri in the manifest)", reason="missing")
         return path
 
-    safe_uri = _redact(uri)
+    safe_uri = redact(uri)
     cfg = cache_cfg or CacheConfig()
     try:
-        fs, rpath = _filesystem(uri, storage_options)
+        fs, rpath = filesystem(uri, storage_options)
     except TypeError as e:   # an option the backend does not take: name it, never its value
         raise SlideError(sid, f"cannot open {safe_uri}: input.storage_options not accepted by the "
-                         f"{protocol} backend ({_redact(str(e).splitlines()[0], _secrets(storage_options))})",
+                         f"{protocol} backend ({redact(str(e).splitlines()[0], secret_values(storage_options))})",
                          reason="remote") from None
     except ImportError as e:  # fsspec knows the protocol; its backend package is missing
         raise SlideError(sid, f"cannot open {safe_uri}: {str(e).splitlines()[0]}", reason="remote") from None
@@ -196,7 +111,7 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
         fs.invalidate_cache(rpath)
         info = fs.info(rpath)
     except Exception as e:  # noqa: BLE001 - any backend error becomes one clear line
-        raise SlideError(sid, f"cannot fetch {safe_uri}: {_redact(_cause(e, protocol), _secrets(storage_options))}",
+        raise SlideError(sid, f"cannot fetch {safe_uri}: {redact(error_cause(e, protocol), secret_values(storage_options))}",
                          reason="remote") from None
     is_dir = info.get("type") == "directory"
     ident = _identity(info)
@@ -239,7 +154,7 @@ def localise(uri: str, cache_cfg: CacheConfig | None = None, slide_id: str | Non
                 if isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(str(cache_dir)):
                     raise SlideError(sid, f"cannot write {safe_uri} into the slide cache {cache_dir}: "
                                      f"{e.strerror or e} (free some space or set cache.dir)", reason="cache") from None
-                raise SlideError(sid, f"cannot fetch {safe_uri}: {_redact(_cause(e, protocol), _secrets(storage_options))}",
+                raise SlideError(sid, f"cannot fetch {safe_uri}: {redact(error_cause(e, protocol), secret_values(storage_options))}",
                                  reason="remote") from None
             log.info("slide cache: fetched %s (%.1f MB, %.1f s)", safe_uri,
                      _dir_size(entry) / 1e6, time.monotonic() - t0)
@@ -275,12 +190,12 @@ def open_slide_file(uri: str, slide_id: str, cache_cfg: CacheConfig | None = Non
     try:
         return openslide.OpenSlide(path), path
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(slide_id, f"{_redact(uri)} is not a slide OpenSlide can read ({_SUPPORTED})",
+        raise SlideError(slide_id, f"{redact(uri)} is not a slide OpenSlide can read ({_SUPPORTED})",
                          reason="unsupported") from None
     except openslide.OpenSlideError as e:
-        raise SlideError(slide_id, f"{_redact(uri)} cannot be opened: {e}", reason="unreadable") from None
+        raise SlideError(slide_id, f"{redact(uri)} cannot be opened: {e}", reason="unreadable") from None
     except OSError as e:
-        raise SlideError(slide_id, f"{_redact(uri)} cannot be opened: {e.strerror or e}",
+        raise SlideError(slide_id, f"{redact(uri)} cannot be opened: {e.strerror or e}",
                          reason="unreadable") from None
 
 

@@ -216,7 +216,7 @@ def four_point_keep(grid: TileGrid, contours, holes, mask_mpp: float, rows, cols
 
 def tile_table(grid: TileGrid, tissue_mask, min_fraction: float, slide_id: str,
                selection: str = "fraction") -> pa.Table:
-    """The tiles contract (DESIGN.md) for tiles whose tissue fraction is ≥ min_fraction and > 0
+    """The tiles table (`TILES_SCHEMA`) for tiles whose tissue fraction is ≥ min_fraction and > 0
     (a tile without any tissue is never kept), or with `selection` "four_point" those
     four_point_keep keeps, with the grid as JSON in the schema metadata (key b"zeus.grid").
     `tissue_mask` is a tissue.TissueMask (mask + mpp, contours and holes)."""

@@ -9,7 +9,7 @@
 
 Layout under the output root (store.OutputStore):
   slides/<slide_id>/tiles/<key>/              tiles.parquet, tissue mask, preview
-  slides/<slide_id>/embeddings/<key>/<model>/ pass-PP-TTTTTTTTT.parquet parts (engine/parts.py)
+  slides/<slide_id>/embeddings/<key>/<model>/ pass-PP-TTTTTTTTT.parquet parts (storage/parts.py)
   slides/<slide_id>/results/<key>/<prompt>/   similarities, maps, mask, viewer outputs, metrics
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ def source_identity(uri: str, storage_options: dict | None = None) -> str:
     """Cheap identity of a slide file (size + mtime or ETag), checked before reusing outputs so
     that a replaced slide is processed again. Unreachable slides get an identity that never
     matches, so they are retried."""
-    from ..slides.access import _filesystem   # the input.storage_options rules of every input read
+    from . import inputs   # the input.storage_options rules of every input read
     try:
-        fs, path = _filesystem(uri, storage_options)
+        fs, path = inputs.filesystem(uri, storage_options)
         info = fs.info(path)
     except Exception:  # noqa: BLE001 - any failure: "unknown", retried by the run
         return "unavailable"

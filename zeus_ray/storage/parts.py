@@ -2,7 +2,7 @@
 
 A slide's embeddings are the part files in its embedding folder
 (`<root>/slides/<id>/embeddings/<tiling key>/<model>/pass-PP-TTTTTTTTT.parquet`, PP the pass and
-TTTTTTTTT the chunk's first tile id), each with the embeddings contract (DESIGN.md): slide_id,
+TTTTTTTTT the chunk's first tile id), each with the columns `part_table` writes: slide_id,
 tile_id, grid_row, grid_col, pass, embedding (fixed-size list), tiling_key, model_key. Workers write
 them whole (OutputStore.write_bytes), so a part exists complete or not at all; names never collide
 (a chunk holds only tiles no earlier part holds, so its first tile id is new). The folder's

@@ -1,9 +1,11 @@
 """Output layout, keys and atomic per-slide commits.
 
-Layout under the output root (local path or bucket URI):
-  <root>/slides/<slide_id>/tiles/<tiling_key>/...            tiles.parquet, tissue mask, thumbnail
-  <root>/slides/<slide_id>/embeddings/<tiling_key>/<model_key>/...
-  <root>/slides/<slide_id>/results/<prompt_key>/...         similarities, maps, mask, metrics
+Layout under the output root (local path or bucket URI; the keys are storage/keys.py's, every file
+is listed in docs/outputs.md):
+  <root>/slides/<slide_id>/tiles/<tiling_key>/                       tiles.parquet, tissue mask, thumbnail
+  <root>/slides/<slide_id>/embeddings/<tiling_key>/<model_key>/      embedding parts (storage/parts.py)
+  <root>/slides/<slide_id>/results/<tiling_key>/<prompt_key>/        similarities, maps, mask, metrics
+  <root>/cohort/<prompt_key>/                                        slides/errors tables, Table 1/2, report
 Slide ids become folder names, so they are validated: no separators, no '..', no control chars.
 """
 from __future__ import annotations
@@ -69,6 +71,10 @@ class OutputStore:
             return path
         proto = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
         return f"{proto}://{path}"
+
+    def cohort_dir(self, run_key: str) -> str:
+        """Where a run's cohort tables, run.json and report live."""
+        return self.path("cohort", run_key)
 
     def slide_dir(self, slide_id: str, *parts: str) -> str:
         return self.path("slides", check_slide_id(slide_id), *parts)

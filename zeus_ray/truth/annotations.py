@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import cv2
 import numpy as np
 import shapely
 import shapely.affinity
@@ -81,9 +82,9 @@ def _fail(src: str, what: str) -> AnnotationError:
 
 
 def _read_bytes(src: str, storage_options: dict | None = None) -> bytes:
-    from ..slides.access import _filesystem  # the input.storage_options rules of every input read
+    from ..storage import inputs  # the input.storage_options rules of every input read
     try:
-        fs, path = _filesystem(src, storage_options)
+        fs, path = inputs.filesystem(src, storage_options)
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
@@ -390,35 +391,40 @@ def read_with_settings(path_or_uri, evaluation: dict, *, mpp0: float | None, tum
                            storage_options=storage_options)
 
 
-def rasterise_geometry(geom: BaseGeometry, shape: tuple[int, int], cell0: float) -> np.ndarray:
-    """Bool (H, W): cells whose centre lies inside `geom` (level-0 px), by exact even-odd scanlines.
+_SHIFT = 8                          # OpenCV fixed-point bits: vertices to 1/256 cell
+_PAD = 4                            # canvas margin (cells): the clipped rings never reach its border
+_BAND = np.ones((5, 5), np.uint8)   # cells within 2 of a drawn ring pixel (fillPoly errs within 1 of a ring)
 
-    Every ring edge toggles the parity of all cells right of where it crosses a row's centre line;
-    half-open edge spans [ymin, ymax) count a vertex on a centre line once. For a valid (Multi)Polygon
-    even-odd parity over all rings is point-in-region, holes and islands in holes included.
+
+def rasterise_geometry(geom: BaseGeometry, shape: tuple[int, int], cell0: float) -> np.ndarray:
+    """Bool (H, W): cells whose centre lies inside `geom` (level-0 px), as shapely.contains_xy says.
+
+    OpenCV's fillPoly (even-odd over every ring: holes and islands in holes included) fills the
+    grid in cell-centre units; only near a ring can its pixel rounding differ from point-in-region,
+    so the cells in a band around the rings are decided by shapely.contains_xy at their centres.
+    The rings are clipped to the grid plus two cells first, so OpenCV never clips (its clipping of
+    sub-pixel lines loses pieces of the band) and coordinates stay small.
     """
     h, w = int(shape[0]), int(shape[1])
-    out = np.zeros((h, w + 1), dtype=np.uint8)
-    segs = []
-    for poly in shapely.get_parts(_polygonal(geom)):
-        for ring in [poly.exterior, *poly.interiors]:
-            xy = shapely.get_coordinates(ring) / float(cell0) - 0.5  # cell-centre units: centre (j, i)
-            segs.append(np.concatenate([xy[:-1], xy[1:]], axis=1))
-    if not segs or h == 0 or w == 0:
-        return out[:, :w].astype(bool)
-    x1, y1, x2, y2 = np.concatenate(segs).T
-    lo, hi = np.minimum(y1, y2), np.maximum(y1, y2)
-    r0 = np.clip(np.ceil(lo), 0, h).astype(np.int64)   # rows i with lo <= i < hi, inside the grid
-    r1 = np.clip(np.ceil(hi), 0, h).astype(np.int64)
-    n = r1 - r0
-    keep = n > 0
-    if keep.any():
-        e = np.repeat(np.flatnonzero(keep), n[keep])
-        rows = r0[e] + (np.arange(len(e)) - np.repeat(np.cumsum(n[keep]) - n[keep], n[keep]))
-        xs = x1[e] + (rows - y1[e]) * (x2[e] - x1[e]) / (y2[e] - y1[e])
-        cols = np.clip(np.ceil(xs), 0, w).astype(np.int64)  # cells j >= x are right of the crossing
-        np.bitwise_xor.at(out, (rows, cols), 1)
-    return np.bitwise_xor.accumulate(out, axis=1)[:, :w].astype(bool)
+    geom = _polygonal(geom)
+    if h == 0 or w == 0 or geom.is_empty:
+        return np.zeros((h, w), dtype=bool)
+    c = float(cell0)
+    clipped = shapely.clip_by_rect(geom, -1.5 * c, -1.5 * c, (w + 1.5) * c, (h + 1.5) * c)
+    pts = [np.round((shapely.get_coordinates(r) / c - 0.5 + _PAD) * (1 << _SHIFT)).astype(np.int32)
+           for poly in shapely.get_parts(_polygonal(clipped)) for r in [poly.exterior, *poly.interiors]]
+    pts = [r for r in pts if len(r)]
+    canvas = np.zeros((h + 2 * _PAD, w + 2 * _PAD), dtype=np.uint8)
+    if not pts:
+        return canvas[_PAD:-_PAD, _PAD:-_PAD].astype(bool)
+    cv2.fillPoly(canvas, pts, 1, lineType=cv2.LINE_8, shift=_SHIFT)
+    band = cv2.dilate(cv2.polylines(np.zeros_like(canvas), pts, True, 1, 1, cv2.LINE_8, _SHIFT), _BAND)
+    out, band = canvas[_PAD:-_PAD, _PAD:-_PAD], band[_PAD:-_PAD, _PAD:-_PAD]
+    found = cv2.findNonZero(band)                     # the band's (x, y); None when empty
+    jj, ii = (found if found is not None else np.empty((0, 2), np.int32)).reshape(-1, 2).T
+    shapely.prepare(geom)
+    out[ii, jj] = shapely.contains_xy(geom, (jj + 0.5) * c, (ii + 0.5) * c)
+    return out.astype(bool)
 
 
 def rasterise_annotation(annotation: Annotation, shape: tuple[int, int], cell0: float,

@@ -33,21 +33,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-DEFAULT_TUMOUR_TERMS: tuple[str, ...] = (
-    "tumour", "tumours", "tumor", "tumors", "tumoral", "tumoural",
-    "*oma", "*omas",                                   # carcinoma, adenocarcinoma, sarcoma, melanoma, leiomyoma, ...
-    "neoplasm", "neoplasms", "neoplasia", "neoplastic",
-    "cancer", "cancers", "cancerous", "malignant", "malignancy",
-    "metastasis", "metastases", "metastatic",
-    "micrometastasis", "micrometastases", "macrometastasis", "macrometastases",
-    "lesion", "lesions", "invasive", "in situ", "dcis", "lcis", "idc", "ilc",
-    "_0", "_1",                                        # CAMELYON16 metastasis groups
-)
-DEFAULT_EXCLUDE_TERMS: tuple[str, ...] = (
-    "_2",                                              # CAMELYON16 exclusion group
-    "exclusion", "exclusions", "exclude", "excluded",
-    "normal",                                          # CAMELYON17 "normal" regions inside metastases
-)
+from ..config import DEFAULT_EXCLUDE_TERMS, DEFAULT_TUMOUR_TERMS   # the vocabulary is config data
+
 # Words that, next to a tumour term, negate it (before / after it).
 NEGATE_BEFORE = frozenset({"non", "no", "not", "without", "peri"})
 NEGATE_AFTER = frozenset({"free", "absent"})
