@@ -226,7 +226,7 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
         tumour = resample_nearest(tumour, mask_mpp, tissue.shape, cell_um, False,
                                   offset=(origin0[1] * cell_um / cell0, origin0[0] * cell_um / cell0))
     draw_overlay(store, res, store.slide_dir(sid, "tiles", str(row["tiling_key"])), sid, tumour, tissue, truth,
-                 upd["dice"], cell_um, preview_px)
+                 upd["dice"], cell_um, preview_px, origin_um=(origin0[0] * cell_um / cell0, origin0[1] * cell_um / cell0))
     new = done | upd | {"annotation_uri": annotation_uri}
     store.write_json(f"{res}/result.json", new)
     store.commit(res, new)   # the marker carries the row a re-run reuses

@@ -114,12 +114,19 @@ def preview(store: OutputStore, res: str, tiles_dir: str, long_px: int) -> tuple
 
 
 def draw_overlay(store: OutputStore, res: str, tiles_dir: str, title: str, tumour, tissue, truth, dice,
-                 cell_um: float, long_px: int, pv=None) -> tuple[np.ndarray, float] | None:
+                 cell_um: float, long_px: int, pv=None, origin_um=(0.0, 0.0)) -> tuple[np.ndarray, float] | None:
     """overlay.jpg: tissue, prediction and ground-truth contours and the Dice over the preview
-    (`pv`: (rgb, µm/px) just read, else the stored picture)."""
+    (`pv`: (rgb, µm/px) just read, else the stored picture). Cell-grid masks are placed by the
+    grid's (x, y) origin `origin_um`; masks of the preview's shape are drawn as they are."""
     pv = pv or preview(store, res, tiles_dir, long_px)
     if pv is not None:
         rgb, mpp = pv
+        if origin_um[0] or origin_um[1]:
+            hw = rgb.shape[:2]
+            tumour, tissue, truth = (m if m is None or np.shape(m)[:2] == hw else
+                                     resample_nearest(np.asarray(m, bool), cell_um, hw, mpp, False,
+                                                      offset=(-origin_um[1], -origin_um[0]))
+                                     for m in (tumour, tissue, truth))
         store.write_bytes(f"{res}/overlay.jpg", jpeg_bytes(overlay_png(rgb, tissue, tumour, truth, dice,
                                                                        cells_to_thumb=cell_um / mpp, title=title)))
     return pv
@@ -209,8 +216,6 @@ def write_outputs(store: OutputStore, job: dict, sg, *, maps, counts, labels, pr
         fine = official_order_smoothing(uncut, cell_um / px, (ox0 * grid.mpp0 / px, oy0 * grid.mpp0 / px),
                                         shape_px, grid.patch_size, fine_tissue)
         mask_mpp, mask_img, mask0 = px, fine, px / grid.mpp0
-        # the cell grid's view of it (labels are not post-processed): the fine mask at cell centres
-        tumour = resample_nearest(fine, px, tumour.shape, cell_um, False, offset=(oy0 * grid.mpp0, ox0 * grid.mpp0))
         area = float(fine.sum() * (px / 1000.0) ** 2)
     elif mode != "none":
         tumour = apply_postprocess(mode, tumour, tissue, cell_um=cell_um, patch_um=grid.patch_size * grid.target_mpp,
