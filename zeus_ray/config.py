@@ -226,7 +226,7 @@ class JobConfig(_Section):
     ray: RayConfig = RayConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     postprocess: Literal["none", "reference"] = Field("none", description="none: the argmax mask as it is (default); reference: the published ZEUS code's smoothing in its order (the un-cut argmax on the pixel canvas, uint8 Gaussian blur of kernel 2×patch+1 px, > 10 %, then the tissue cut; mask written at the target µm/px) and its metric conventions (1e-6 smoothing term)")
-    profile: Literal["default", "reference"] = Field("default", description="reference: reproduce the published ZEUS code (cvblab/ZEUS): sets every key below that differs from it (tile anchor and selection, edge padding, tissue parameters, CONCH tokenisation, postprocess, metric grid) unless the config sets that key itself; see docs/reference-mode.md")
+    profile: Literal["default", "reference"] = Field("default", description="reference: reproduce the published ZEUS code (cvblab/ZEUS): sets tiling.anchor/selection/padding, the tissue parameters, model.conch_tokenization, postprocess and evaluation.metric_mpp as that code has them, except keys the config sets itself; see docs/reference-mode.md")
 
     @model_validator(mode="before")
     @classmethod
