@@ -52,9 +52,10 @@ def write_keep_checkpoint(folder: Path, seed: int = 0, tiny: bool = True, layers
     return path, model
 
 
-def make_conch_tokenizer(path: Path, post_processor: bool = True, pad_first: bool = True) -> Path:
+def make_conch_tokenizer(path: Path, post_processor: bool = True, pad_first: bool = True,
+                         prefix_space: bool = False) -> Path:
     """A small byte-level BPE (lower-casing) with CONCH's special tokens; `<pad>` is id 0 when
-    `pad_first`."""
+    `pad_first`; `prefix_space` saves the pre-tokenizer with add_prefix_space on, as CONCH's file."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     specials = ["<pad>", "<start_of_text>", "<end_of_text>"]
@@ -70,6 +71,8 @@ def make_conch_tokenizer(path: Path, post_processor: bool = True, pad_first: boo
         tok.post_processor = processors.TemplateProcessing(
             single="<start_of_text> $A <end_of_text>",
             special_tokens=[(t, tok.token_to_id(t)) for t in ("<start_of_text>", "<end_of_text>")])
+    if prefix_space:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.save(str(path))
     return Path(path)
 

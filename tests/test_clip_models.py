@@ -274,3 +274,19 @@ def test_quiltnet_full_size_layout_on_meta(tmp_path):
     del sd["visual.ln_post.bias"]
     with pytest.raises(WeightsError, match=r"missing key\(s\): visual\.ln_post\.bias"):
         strict_load(model, sd, model_name="quiltnet", assign=True)
+
+
+def test_plip_preprocessing_is_the_pil_clip_image_processor(tmp_path, tiles):
+    """PLIP's pixels equal transformers' PIL-based CLIPImageProcessorPil exactly; transformers 5's
+    default CLIP image processor (torchvision-based) differs (the project does not match it)."""
+    from transformers import AutoImageProcessor, CLIPImageProcessorPil
+
+    folder = tmp_path / "plip"
+    write_tiny_hf_clip(folder)
+    enc = load_encoder(ModelConfig(id="plip", weights=str(folder)))
+    ours = np.asarray(enc.preprocess(tiles), dtype=np.float32)
+    images = [Image.fromarray(t) for t in tiles]
+    pil = CLIPImageProcessorPil.from_pretrained(str(folder))(images=images, return_tensors="np")["pixel_values"]
+    default = AutoImageProcessor.from_pretrained(str(folder))(images=images, return_tensors="np")["pixel_values"]
+    assert np.abs(ours - pil).max() < 1e-6
+    assert np.abs(default - pil).max() > 1e-3

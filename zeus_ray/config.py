@@ -97,6 +97,10 @@ class TissueConfig(_Section):
     min_tissue_area_um2: float = Field(100_000.0, ge=0, description="tissue contours smaller than this are dropped")
     min_hole_area_um2: float = Field(50_000.0, ge=0, description="holes smaller than this are filled")
     max_holes: int = Field(8, ge=0, description="largest holes kept per tissue contour")
+    odd_kernels: bool = Field(True, description="round the closing kernel up to an odd size (centred; true) or use the "
+                              "size as given, as CLAM and the published ZEUS code do (false: its 12-px closing)")
+    hole_outlines: bool = Field(True, description="a kept hole's outline pixels stay tissue (true) or are cleared "
+                                "with the hole, as the published ZEUS code's tissue mask does (false)")
 
 
 class TilingConfig(_Section):
@@ -105,6 +109,17 @@ class TilingConfig(_Section):
     patch_size: int = Field(448, gt=0, description="tile side in px at the target resolution")
     overlap: float = Field(0.75, ge=0, lt=1, description="fraction of a tile shared with its neighbour")
     min_tissue_fraction: float = Field(0.25, ge=0, le=1, description="keep a tile when this fraction of it is tissue")
+    anchor: Literal["slide", "tissue"] = Field("slide", description="where the tile grid starts: slide: at the slide's "
+                                               "(0, 0), so tiles do not move with tissue detection; tissue: at the top-left "
+                                               "of the tissue's bounding box, as the published ZEUS code (CLAM) does")
+    selection: Literal["fraction", "four_point"] = Field("fraction", description="which tiles are kept: fraction: tissue "
+                                                         "fraction ≥ min_tissue_fraction; four_point: CLAM's rule of the "
+                                                         "published ZEUS code (one of the 4 points at ±¼ tile from the "
+                                                         "centre inside a tissue contour, centre not in a hole, within "
+                                                         "that contour's bounding box)")
+    padding: Literal["white", "black"] = Field("white", description="pixels of a tile past the slide's edge: white "
+                                               "(background); black, as OpenSlide's transparent area becomes through "
+                                               "PIL convert('RGB') in the published ZEUS code")
     region_tiles: int = Field(8, ge=1, description="tiles per side of one decoded region (each pixel decoded about once)")
     # A 200k × 100k px 40x scan (about the largest WSIs) fully covered with tissue has 98,124 tile
     # positions at 10x/448/112 and 395,160 at 20x; 500,000 leaves 5× headroom at the defaults.
@@ -147,6 +162,10 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="autocast dtype of the encoder; auto: bfloat16 on a GPU that has it (else float16), float32 on CPU; float16 is GPU-only")
     batch_size: int | None = Field(None, gt=0, description="tiles per encoder call; default from the device")
+    conch_tokenization: Literal["conch", "zeus-pinned"] = Field(
+        "conch", description="CONCH prompts' byte-level BPE: conch: a space before the first word (the tokenizer "
+        "file's add_prefix_space, as CONCH was trained and as transformers ≤ 4.47 and ≥ 5 give it); zeus-pinned: "
+        "no such space, as ZEUS's pinned transformers 4.53 gives it (the published ZEUS numbers)")
 
 
 class PromptsConfig(_Section):
@@ -206,7 +225,47 @@ class JobConfig(_Section):
     cache: CacheConfig = CacheConfig()
     ray: RayConfig = RayConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
-    postprocess: Literal["none", "reference"] = Field("none", description="none: the argmax mask as it is (default); reference: the published ZEUS code's smoothing (Gaussian blur of kernel 2×patch+1 px, threshold 10 %, tissue cut) and its metric conventions (1e-6 smoothing term), to compare with the paper's numbers")
+    postprocess: Literal["none", "reference"] = Field("none", description="none: the argmax mask as it is (default); reference: the published ZEUS code's smoothing in its order (the un-cut argmax on the pixel canvas, uint8 Gaussian blur of kernel 2×patch+1 px, > 10 %, then the tissue cut; mask written at the target µm/px) and its metric conventions (1e-6 smoothing term)")
+    profile: Literal["default", "reference"] = Field("default", description="reference: reproduce the published ZEUS code (cvblab/ZEUS): sets tiling.anchor/selection/padding, the tissue parameters, model.conch_tokenization, postprocess and evaluation.metric_mpp as that code has them, except keys the config sets itself; see docs/reference-mode.md")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") == "reference":
+            return apply_reference_profile(data)
+        return data
+
+
+# The published ZEUS code's settings (cvblab/ZEUS e7b7f89: main.py, preprocess/patching/
+# extract_patches_features.py, wsi_core/WholeSlideImage.py; read, not copied). It works in pixels of
+# level 0, which it takes to be the target resolution (AI4SKIN: single-level 10x images, so its
+# "best level for downsample 64" is level 0): lengths are those pixels at the target µm/px.
+REFERENCE_TISSUE_PX = {"median_blur": 7, "close": 12, "min_tissue_area_px2": 2 * 512 ** 2,
+                       "min_hole_area_px2": 16 * 512 ** 2, "max_holes": 8}
+
+
+def reference_settings(px_um: float) -> dict[str, Any]:
+    """The keys `profile: reference` sets, for a target resolution of `px_um` µm/px."""
+    t = REFERENCE_TISSUE_PX
+    return {
+        "tiling": {"anchor": "tissue", "selection": "four_point", "padding": "black"},
+        "tissue": {"thumbnail_mpp": px_um, "use_otsu": True, "median_blur_um": t["median_blur"] * px_um,
+                   "close_um": t["close"] * px_um, "min_tissue_area_um2": t["min_tissue_area_px2"] * px_um ** 2,
+                   "min_hole_area_um2": t["min_hole_area_px2"] * px_um ** 2, "max_holes": t["max_holes"],
+                   "odd_kernels": False, "hole_outlines": False},
+        "model": {"conch_tokenization": "zeus-pinned"},
+        "evaluation": {"metric_mpp": px_um},
+        "postprocess": "reference",
+    }
+
+
+def apply_reference_profile(data: dict) -> dict:
+    """`data` with the reference settings under every key it does not set itself."""
+    try:
+        px_um = TilingConfig.model_validate(data.get("tiling") or {}).mpp
+    except (ValidationError, TypeError):
+        return data            # the tiling section's own error is reported by the full validation
+    return _merge(reference_settings(px_um), data)
 
 
 def _at(tree: Any, loc: tuple[str, ...]) -> tuple[bool, bool]:

@@ -241,12 +241,17 @@ class ConchTokenizer:
     still ends with `<end_of_text>` (the file's post-processor adds the special tokens after
     truncation, as the official `tokenize()` via transformers does). A file without a
     post-processor gets `<start_of_text> $A <end_of_text>`.
+
+    `prefix_space`: the file's byte-level pre-tokenizer puts a space before the first word
+    (add_prefix_space, "an" → "Ġan"), as CONCH was trained. False drops it, as transformers
+    4.48–4.57 (ZEUS pins 4.53.0) do when they load the file into PreTrainedTokenizerFast: the
+    published ZEUS numbers were computed with those ids (config model.conch_tokenization).
     """
 
     SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>", "<pad>")
 
     def __init__(self, path: str | Path, context_length: int = 128, expected_pad_id: int | None = 0,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, prefix_space: bool = True):
         from tokenizers import Tokenizer
         from tokenizers.processors import TemplateProcessing
 
@@ -267,6 +272,8 @@ class ConchTokenizer:
         if vocab_size is not None and tok.get_vocab_size() > vocab_size:
             raise WeightsError(f"CONCH tokenizer {file} has {tok.get_vocab_size()} tokens, more than the "
                                f"model's {vocab_size}; use the tokenizer that matches the weights")
+        if not prefix_space:
+            tok = _without_prefix_space(tok)
         if tok.post_processor is None:
             sot, eot = self.SPECIAL_TOKENS[:2]
             tok.post_processor = TemplateProcessing(single=f"{sot} $A {eot}",
@@ -283,6 +290,27 @@ class ConchTokenizer:
         enc = self._tok.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in enc], dtype=torch.long).reshape(len(enc), self.context_length - 1)
         return F.pad(ids, (0, 1), value=self.pad_id)
+
+
+def _without_prefix_space(tok):
+    """The tokenizer with add_prefix_space off in every byte-level pre-tokenizer (a Sequence's too)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    def clear(node):
+        if isinstance(node, dict):
+            if node.get("type") == "ByteLevel" and "add_prefix_space" in node:
+                node["add_prefix_space"] = False
+            for v in node.values():
+                clear(v)
+        elif isinstance(node, list):
+            for v in node:
+                clear(v)
+
+    spec = json.loads(tok.to_str())
+    clear(spec.get("pre_tokenizer"))
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def find_tokenizer_file(path: Path) -> Path:

@@ -122,6 +122,12 @@ def _conch_tokenizer_lookup(cfg: ModelConfig) -> tuple[Path | None, str]:
     return None, f"the installed `conch` package has no {tried[0]}"
 
 
+def _is_tiny_conch(sd) -> bool:
+    from .conch import conch_config
+    t, key = conch_config(tiny=True), "text.token_embedding.weight"
+    return key in sd and tuple(sd[key].shape) == (t.vocab_size, t.text_width)
+
+
 def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder:
     from .checkpoint import build_loaded, load_state_dict_file
     from .conch import ConchTokenizer, build_conch, load_conch_weights
@@ -131,9 +137,12 @@ def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder
     beside = {"tokenizer": CONCH_TOKENIZER_NAMES} if cfg.weights and not cfg.tokenizer else None
     files = resolve_weights(spec.id, cfg.weights, spec.weights_source, spec.extra["files"], beside,
                             how_to=how_to_fetch(spec))
-    model = build_loaded(lambda: build_conch(tiny=rt.tiny), load_conch_weights,
-                         load_state_dict_file(files["weights"]), source=str(files["weights"]))
-    if rt.tiny:
+    sd = load_state_dict_file(files["weights"])
+    # The small test variant of the same classes is recognised by its shapes, so a test can run it
+    # through `zeus run` (a full-size checkpoint never matches them).
+    tiny = rt.tiny or _is_tiny_conch(sd)
+    model = build_loaded(lambda: build_conch(tiny=tiny), load_conch_weights, sd, source=str(files["weights"]))
+    if tiny:
         spec = _tiny_spec(spec, model.config.image_size, model.config.embed_dim)
     tok_path, tok_where = ((files.get("tokenizer"), str(files.get("tokenizer"))) if files.get("tokenizer")
                            else _conch_tokenizer_lookup(cfg))
@@ -146,7 +155,8 @@ def _build_conch(spec: ModelSpec, cfg: ModelConfig, rt: Runtime) -> TorchEncoder
                                    f"model.tokenizer is unset). {CONCH_TOKENIZER_HELP}")
             tokenizer.append(ConchTokenizer(tok_path, context_length=model.config.context_length,
                                             expected_pad_id=model.config.pad_id,
-                                            vocab_size=model.config.vocab_size))
+                                            vocab_size=model.config.vocab_size,
+                                            prefix_space=cfg.conch_tokenization == "conch"))
         return model.encode_text(tokenizer[0](texts).to(dev), normalize=False)
 
     return TorchEncoder(spec, model, lambda x: model.encode_image(x, normalize=False), text_fn,

@@ -75,7 +75,8 @@ def slide_dice(store, keys, entry: dict, matrices: np.ndarray, tumour_index: int
     sg = load_slide_grid(store, keys.tiles_dir)
     emb = load_embeddings(store, keys.emb_dir, sg)
     f, truth = metric_truth(entry["annotation_uri"], sg.shape, cell0=sg.cell0, cell_um=sg.cell_um,
-                            mpp0=sg.grid.mpp0, evaluation=evaluation, tumour_class_name=tumour_class_name)
+                            mpp0=sg.grid.mpp0, evaluation=evaluation, tumour_class_name=tumour_class_name,
+                            origin0=sg.origin0)
     dice = []
     for cm in matrices:
         maps, _ = sg.maps(cosine_scores(emb, cm))

@@ -102,7 +102,7 @@ def plan_work(store_root: str, entry: dict, cfg, keys, source, class_matrix) -> 
         if class_matrix is not None:   # adaptive: selection needs the tissue cells and the stored scores
             geom = cell_geometry(grid.patch_size, grid.stride)
             rec["tissue"] = resample_mask_to_grid(mask, mask_mpp, grid_shape(grid.n_rows, grid.n_cols, geom),
-                                                  geom.cell * grid.target_mpp)
+                                                  geom.cell * grid.target_mpp, grid.origin_um)
             if emb is not None:
                 from ..results.reduce import cosine_scores
                 rec["stored_scores"] = cosine_scores(emb, class_matrix)

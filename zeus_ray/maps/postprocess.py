@@ -1,5 +1,11 @@
 """Optional post-processing of the tumour mask: the published ZEUS code's smoothing, to compare our
-numbers with the paper's. OFF by default (`postprocess: none`); `postprocess: reference` turns on
+numbers with the paper's.
+
+`official_order_smoothing` is what `postprocess: reference` runs: the official order and arithmetic
+(the un-cut argmax painted on the pixel canvas of the target resolution, uint8 0/255, OpenCV's
+uint8 Gaussian blur, > 10 %, then the tissue cut), the mask written at that pixel. The cell-grid
+`reference_smoothing` below (cut first, float blur evaluated per cell) is kept for cheap previews
+of large slides: it agrees with the official pixels only against a float blur of the un-cut argmax. OFF by default (`postprocess: none`); `postprocess: reference` turns on
 this smoothing and the reference evaluation's metric conventions (metrics.segmentation_metrics
 with convention="reference").
 
@@ -135,6 +141,33 @@ def reference_smoothing(tumour_mask_cells: np.ndarray, tissue_cells: np.ndarray 
     return out & tissue if tissue is not None else out
 
 
+def official_order_smoothing(tumour_cells: np.ndarray, cell_px: float, origin_px, canvas_shape: tuple[int, int],
+                             patch_px: int, tissue: np.ndarray | None = None) -> np.ndarray:
+    """The published ZEUS code's smoothing in its order, on the slide's pixel canvas.
+
+    tumour_cells: the argmax tumour mask on the cell grid, NOT cut to tissue (uncovered cells
+    False: the official code's empty score canvas gives its first class, normal); cell_px: a
+    cell's side in canvas px (target px); origin_px: (x, y) of the cell grid's origin in canvas px
+    (a grid anchored at the tissue); canvas_shape: (H, W) canvas px (the slide at the target
+    resolution); patch_px: the tile side in canvas px. Steps: paint the cells on the canvas as
+    0/255 uint8, cv2.GaussianBlur with a (2·patch+1)² kernel and sigma 0 (OpenCV's uint8 fixed
+    point and its default border, as the official code), keep > 255 · 0.1, then cut to `tissue`
+    (a bool mask of the canvas shape, or None). Returns bool (H, W).
+    """
+    from .rasterise import resample_nearest
+    canvas = resample_nearest(np.asarray(tumour_cells, bool), cell_px, canvas_shape, 1.0, False,
+                              offset=(-float(origin_px[1]), -float(origin_px[0])))
+    if not canvas.any():
+        return canvas
+    ksize = max(int(2 * patch_px + 1), 3)
+    ksize += 1 - ksize % 2
+    blurred = cv2.GaussianBlur(canvas.view(np.uint8) * np.uint8(255), (ksize, ksize), 0)
+    out = blurred > 255 * THRESHOLD
+    if tissue is not None:
+        out &= np.asarray(tissue, bool)
+    return out
+
+
 def apply_postprocess(mode: str, tumour: np.ndarray, tissue: np.ndarray | None, *, cell_um: float,
                       patch_um: float, px_um: float, subdivide: int = 1) -> np.ndarray:
     """The tumour mask after `mode` ("none" or "reference"), on the grid `subdivide` × finer
@@ -164,6 +197,7 @@ def postprocess_label(cfg) -> dict:
     if mode == "reference":
         k = reference_kernel(cfg.tiling.patch_size * cfg.tiling.mpp, cfg.tiling.mpp)
         label["smoothing"] = {"kernel_um": round(k["kernel_um"], 3), "sigma_um": round(k["sigma_um"], 3),
-                              "threshold": k["threshold"], "border": "reflect101",
+                              "threshold": k["threshold"], "border": "reflect101", "mask_mpp": cfg.tiling.mpp,
+                              "order": "un-cut argmax on the target-px canvas, uint8 blur, > 10 %, tissue cut",
                               "source": "cvblab/ZEUS inference/process_embeddings.py (Gaussian blur, > 10 %, tissue cut)"}
     return label

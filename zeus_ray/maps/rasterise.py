@@ -108,24 +108,35 @@ def softmax_maps(maps: np.ndarray, logit_scale: float) -> np.ndarray:
     return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
-def resample_nearest(arr: np.ndarray, src_px, shape: tuple[int, int], dst_px, fill=0) -> np.ndarray:
+def resample_nearest(arr: np.ndarray, src_px, shape: tuple[int, int], dst_px, fill=0, offset=0.0) -> np.ndarray:
     """Nearest sample of a grid `arr` (pixels `src_px` wide) at the pixel centres of a grid of
-    `shape` (pixels `dst_px` wide): both in the same unit, both starting at 0; a size may be a
-    (y, x) pair. Pixels whose centre falls outside `arr` get `fill`. The one nearest resampler of
-    the project (masks to cells, cells to previews and viewer rasters, mask annotations to cells)."""
+    `shape` (pixels `dst_px` wide): both in the same unit, both starting at 0 unless `offset`
+    (where the destination grid starts in the source grid's frame, e.g. a tile grid anchored at
+    the tissue); a size or offset may be a (y, x) pair. Pixels whose centre falls outside `arr`
+    get `fill`. The one nearest resampler of the project (masks to cells, cells to previews and
+    viewer rasters, mask annotations to cells)."""
     a = np.asarray(arr)
     sy, sx = (src_px, src_px) if np.ndim(src_px) == 0 else src_px
     dy, dx = (dst_px, dst_px) if np.ndim(dst_px) == 0 else dst_px
+    oy, ox = (offset, offset) if np.ndim(offset) == 0 else offset
     h, w = int(shape[0]), int(shape[1])
-    ri = np.floor((np.arange(h) + 0.5) * (dy / sy)).astype(np.int64)
-    ci = np.floor((np.arange(w) + 0.5) * (dx / sx)).astype(np.int64)
+    ri = np.floor((oy + (np.arange(h) + 0.5) * dy) / sy).astype(np.int64)
+    ci = np.floor((ox + (np.arange(w) + 0.5) * dx) / sx).astype(np.int64)
     out = np.full((h, w) + a.shape[2:], fill, dtype=a.dtype)
-    nr, nc = int((ri < a.shape[0]).sum()), int((ci < a.shape[1]).sum())   # indices grow: a prefix is inside
-    out[:nr, :nc] = a.take(ri[:nr], axis=0).take(ci[:nc], axis=1)          # two takes: far faster than np.ix_
+    if oy == 0 and ox == 0:
+        nr, nc = int((ri < a.shape[0]).sum()), int((ci < a.shape[1]).sum())   # indices grow: a prefix is inside
+        out[:nr, :nc] = a.take(ri[:nr], axis=0).take(ci[:nc], axis=1)          # two takes: far faster than np.ix_
+        return out
+    rok = np.flatnonzero((ri >= 0) & (ri < a.shape[0]))     # indices grow: a contiguous run is inside
+    cok = np.flatnonzero((ci >= 0) & (ci < a.shape[1]))
+    if len(rok) and len(cok):
+        out[rok[0]:rok[-1] + 1, cok[0]:cok[-1] + 1] = a.take(ri[rok], axis=0).take(ci[cok], axis=1)
     return out
 
 
 def resample_mask_to_grid(mask: np.ndarray, mask_mpp: float, shape: tuple[int, int],
-                          cell_um: float) -> np.ndarray:
-    """Nearest sample of a binary mask (at mask_mpp µm/px) at each cell centre of the grid."""
-    return resample_nearest(np.asarray(mask) > 0, mask_mpp, shape, cell_um, False)
+                          cell_um: float, origin_um=(0.0, 0.0)) -> np.ndarray:
+    """Nearest sample of a binary mask (at mask_mpp µm/px, from the slide's top-left) at each cell
+    centre of the grid, whose (x, y) origin is `origin_um` µm from the slide's top-left."""
+    return resample_nearest(np.asarray(mask) > 0, mask_mpp, shape, cell_um, False,
+                            offset=(origin_um[1], origin_um[0]))

@@ -158,6 +158,7 @@ def _load_grid(store: OutputStore, res: str, tumour_class: str | None):
     post-processing was on)."""
     with np.load(io.BytesIO(store.read_bytes(f"{res}/maps.npz"))) as z:
         tissue, cell_um, cell0 = z["tissue"].astype(bool), float(z["cell_um"]), float(z["cell0"])
+        origin0 = tuple(float(v) for v in z["origin0"]) if "origin0" in z.files else (0.0, 0.0)
     names = store.fs.ls(res, detail=False)
     masks = [p for p in names if re.search(r"/mask_[\d.]+mpp\.png$", p)]
     labels = [p for p in names if re.search(r"/labels_[\d.]+mpp\.png$", p)]
@@ -167,9 +168,11 @@ def _load_grid(store: OutputStore, res: str, tumour_class: str | None):
     img = Image.open(io.BytesIO(store.read_bytes(labels[0])))
     classes = img.info.get("classes", "").split(",")
     argmax = (np.array(img) == classes.index(tumour_class)) if tumour_class in classes else tumour
-    if tumour.shape != tissue.shape or argmax.shape != tissue.shape:
+    mask_mpp = float(re.search(r"/mask_([\d.]+)mpp\.png$", masks[0]).group(1))
+    # postprocess: reference writes its mask on the slide's pixel canvas, not on the cell grid
+    if (tumour.shape != tissue.shape and abs(mask_mpp - cell_um) < 0.005) or argmax.shape != tissue.shape:
         raise ValueError(f"mask {tumour.shape} and maps.npz tissue {tissue.shape} differ")
-    return tumour, argmax, tissue, cell_um, cell0
+    return tumour, argmax, tissue, cell_um, cell0, origin0, mask_mpp
 
 
 def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_uri: str | None,
@@ -185,16 +188,28 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
         return upd | {"annotation_error": f"slide {sid!r}: results folder {store.uri(res)} has no {MARKER}; "
                                           "re-run `zeus run` to complete it"}
     try:
-        tumour, argmax, tissue, cell_um, cell0 = _load_grid(store, res, tumour_class_name)
+        tumour, argmax, tissue, cell_um, cell0, origin0, mask_mpp = _load_grid(store, res, tumour_class_name)
     except Exception as e:  # noqa: BLE001 - a damaged result folder: this slide only
         return upd | {"annotation_error": f"slide {sid!r}: stored results in {store.uri(res)} cannot be read "
                                           f"({type(e).__name__}: {e}); re-run `zeus run` on it"}
     truth = None
     if annotation_uri is not None:
         try:
-            m, truth = evaluate(annotation_uri, argmax, tissue, cell0=cell0, cell_um=cell_um, mpp0=cell_um / cell0,
-                                evaluation=evaluation, tumour_class_name=tumour_class_name, post=post,
-                                storage_options=storage_options)
+            mpp0 = cell_um / cell0
+            if tumour.shape != tissue.shape:   # the reference canvas: its metrics on its own pixels
+                from ..maps.rasterise import resample_nearest
+                from .reduce import load_tissue_mask
+                from .slide_outputs import evaluate_canvas
+                tmask, tmpp = load_tissue_mask(store, store.slide_dir(sid, "tiles", str(row["tiling_key"])))
+                m, truth_px = evaluate_canvas(annotation_uri, tumour, resample_nearest(tmask, tmpp, tumour.shape, mask_mpp, False),
+                                              px_um=mask_mpp, mpp0=mpp0, evaluation=evaluation,
+                                              tumour_class_name=tumour_class_name, storage_options=storage_options)
+                truth = resample_nearest(truth_px, mask_mpp, tissue.shape, cell_um, False,
+                                         offset=(origin0[1] * mpp0, origin0[0] * mpp0))
+            else:
+                m, truth = evaluate(annotation_uri, argmax, tissue, cell0=cell0, cell_um=cell_um, mpp0=mpp0,
+                                    evaluation=evaluation, tumour_class_name=tumour_class_name, post=post,
+                                    storage_options=storage_options, origin0=origin0)
             upd.update({k: m[k] for k in METRIC_COLUMNS})
             store.write_json(f"{res}/metrics.json", m)
         except AnnotationError as e:
@@ -206,8 +221,12 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
     if upd["dice"] is None and store.exists(f"{res}/metrics.json"):
         store.fs.rm(f"{res}/metrics.json")   # no stale metrics beside a slide that has none now
     from .slide_outputs import draw_overlay
+    if tumour.shape != tissue.shape:   # the overlay is drawn on cells: the canvas mask at cell centres
+        from ..maps.rasterise import resample_nearest
+        tumour = resample_nearest(tumour, mask_mpp, tissue.shape, cell_um, False,
+                                  offset=(origin0[1] * cell_um / cell0, origin0[0] * cell_um / cell0))
     draw_overlay(store, res, store.slide_dir(sid, "tiles", str(row["tiling_key"])), sid, tumour, tissue, truth,
-                 upd["dice"], cell_um, preview_px)
+                 upd["dice"], cell_um, preview_px, origin_um=(origin0[0] * cell_um / cell0, origin0[1] * cell_um / cell0))
     new = done | upd | {"annotation_uri": annotation_uri}
     store.write_json(f"{res}/result.json", new)
     store.commit(res, new)   # the marker carries the row a re-run reuses

@@ -66,10 +66,17 @@ class SlideGrid:
     shape: tuple[int, int]
     cell_um: float
     tissue_cells: np.ndarray
+    tissue_mask: np.ndarray | None = None   # the tiles stage's tissue mask (slide-aligned) and its µm/px
+    tissue_mpp: float | None = None
 
     @property
     def cell0(self) -> float:
         return self.cell_um / self.grid.mpp0
+
+    @property
+    def origin0(self) -> tuple[float, float]:
+        """(x, y) level-0 px of the cell grid's origin (the tile grid's: tiling.anchor)."""
+        return float(self.grid.origin_x), float(self.grid.origin_y)
 
     def maps(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return average_maps(self.tiles["grid_row"].to_numpy(), self.tiles["grid_col"].to_numpy(), scores,
@@ -87,7 +94,7 @@ def load_slide_grid(store: OutputStore, tiles_dir: str) -> SlideGrid:
     cell_um = geom.cell * grid.target_mpp
     tissue, tissue_mpp = load_tissue_mask(store, tiles_dir)
     return SlideGrid(tiles.sort_by("tile_id"), grid, geom, shape, cell_um,
-                     resample_mask_to_grid(tissue, tissue_mpp, shape, cell_um))
+                     resample_mask_to_grid(tissue, tissue_mpp, shape, cell_um, grid.origin_um), tissue, tissue_mpp)
 
 
 def load_embeddings(store: OutputStore, emb_dir: str, sg: SlideGrid) -> np.ndarray:

@@ -24,8 +24,8 @@ from ..truth.annotations import rasterise_annotation, read_with_settings
 from ..errors import AnnotationError
 from .export import mask_to_geojson, overlay_png, similarity_heatmap, write_pyramidal_tiff
 from ..truth.metrics import segmentation_metrics
-from ..maps.postprocess import apply_postprocess, metric_convention
-from ..maps.rasterise import resample_nearest
+from ..maps.postprocess import apply_postprocess, metric_convention, official_order_smoothing
+from ..maps.rasterise import argmax_mask, resample_nearest
 from ..storage.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,19 @@ def preview(store: OutputStore, res: str, tiles_dir: str, long_px: int) -> tuple
 
 
 def draw_overlay(store: OutputStore, res: str, tiles_dir: str, title: str, tumour, tissue, truth, dice,
-                 cell_um: float, long_px: int, pv=None) -> tuple[np.ndarray, float] | None:
+                 cell_um: float, long_px: int, pv=None, origin_um=(0.0, 0.0)) -> tuple[np.ndarray, float] | None:
     """overlay.jpg: tissue, prediction and ground-truth contours and the Dice over the preview
-    (`pv`: (rgb, µm/px) just read, else the stored picture)."""
+    (`pv`: (rgb, µm/px) just read, else the stored picture). Cell-grid masks are placed by the
+    grid's (x, y) origin `origin_um`; masks of the preview's shape are drawn as they are."""
     pv = pv or preview(store, res, tiles_dir, long_px)
     if pv is not None:
         rgb, mpp = pv
+        if origin_um[0] or origin_um[1]:
+            hw = rgb.shape[:2]
+            tumour, tissue, truth = (m if m is None or np.shape(m)[:2] == hw else
+                                     resample_nearest(np.asarray(m, bool), cell_um, hw, mpp, False,
+                                                      offset=(-origin_um[1], -origin_um[0]))
+                                     for m in (tumour, tissue, truth))
         store.write_bytes(f"{res}/overlay.jpg", jpeg_bytes(overlay_png(rgb, tissue, tumour, truth, dice,
                                                                        cells_to_thumb=cell_um / mpp, title=title)))
     return pv
@@ -127,13 +134,13 @@ def draw_overlay(store: OutputStore, res: str, tiles_dir: str, title: str, tumou
 
 def metric_truth(annotation_uri: str, cells_shape: tuple[int, int], *, cell0: float, cell_um: float, mpp0: float,
                  evaluation: dict, tumour_class_name: str | None = None,
-                 storage_options: dict | None = None) -> tuple[int, np.ndarray]:
+                 storage_options: dict | None = None, origin0=(0.0, 0.0)) -> tuple[int, np.ndarray]:
     """(f, truth): the ground truth on the metric grid, `f` × finer than the cell grid (default 4:
     28 µm at 112 µm cells), rasterised at the metric cells' centres."""
     f = max(1, int(round(cell_um / (evaluation.get("metric_mpp") or cell_um / 4))))
     ann = read_with_settings(annotation_uri, evaluation, mpp0=mpp0, tumour_class_name=tumour_class_name,
                              storage_options=storage_options)
-    return f, rasterise_annotation(ann, (cells_shape[0] * f, cells_shape[1] * f), cell0 / f)
+    return f, rasterise_annotation(ann, (cells_shape[0] * f, cells_shape[1] * f), cell0 / f, origin0)
 
 
 def metrics_on_grid(tumour: np.ndarray, tissue: np.ndarray, truth: np.ndarray, f: int, cell_um: float,
@@ -157,56 +164,109 @@ def metrics_on_grid(tumour: np.ndarray, tissue: np.ndarray, truth: np.ndarray, f
 
 def evaluate(annotation_uri: str, tumour: np.ndarray, tissue: np.ndarray, *, cell0: float, cell_um: float,
              mpp0: float, evaluation: dict, tumour_class_name: str | None = None, post: dict | None = None,
-             storage_options: dict | None = None) -> tuple[dict, np.ndarray]:
+             storage_options: dict | None = None, origin0=(0.0, 0.0)) -> tuple[dict, np.ndarray]:
     """The slide's metrics and its truth on the cell grid (for drawing)."""
     f, truth = metric_truth(annotation_uri, tumour.shape, cell0=cell0, cell_um=cell_um, mpp0=mpp0,
-                            evaluation=evaluation, tumour_class_name=tumour_class_name, storage_options=storage_options)
+                            evaluation=evaluation, tumour_class_name=tumour_class_name, storage_options=storage_options,
+                            origin0=origin0)
     return metrics_on_grid(tumour, tissue, truth, f, cell_um, post), truth[f // 2::f, f // 2::f]
 
 
+def evaluate_canvas(annotation_uri: str, pred: np.ndarray, tissue: np.ndarray, *, px_um: float, mpp0: float,
+                    evaluation: dict, tumour_class_name: str | None = None,
+                    storage_options: dict | None = None) -> tuple[dict, np.ndarray]:
+    """Metrics of a slide-aligned mask of `px_um` pixels (the reference canvas) against the truth
+    rasterised at its pixel centres, inside `tissue`, with the published code's conventions."""
+    ann = read_with_settings(annotation_uri, evaluation, mpp0=mpp0, tumour_class_name=tumour_class_name,
+                             storage_options=storage_options)
+    truth = rasterise_annotation(ann, pred.shape, px_um / mpp0)
+    m = segmentation_metrics(pred, truth, tissue, cell_area_mm2=(px_um / 1000.0) ** 2, convention="reference")
+    m["metric_mpp"] = px_um
+    m["postprocess"] = "reference"
+    return m, truth
+
+
+def _canvas_shape(grid, px_um: float) -> tuple[int, int]:
+    """(H, W) pixels of `px_um` covering the slide."""
+    return (max(1, math.ceil(grid.height * grid.mpp0 / px_um - 1e-6)),
+            max(1, math.ceil(grid.width * grid.mpp0 / px_um - 1e-6)))
+
+
 def write_outputs(store: OutputStore, job: dict, sg, *, maps, counts, labels, probs, tumour) -> dict:
-    """Write every output of the slide except the similarity table; return the row's extra columns."""
+    """Write every output of the slide except the similarity table; return the row's extra columns.
+
+    With `postprocess: reference` the mask written, the viewer rasters and the metrics come from
+    the official-order smoothing on the slide's pixel canvas at the target µm/px (slide-aligned);
+    cell-grid outputs (labels, maps.npz) name the grid's origin (tiling.anchor)."""
     keys, entry, out_cfg = job["keys"], job["entry"], job.get("output") or {}
     res, grid, cell_um, cell0 = keys.res_dir, sg.grid, sg.cell_um, sg.cell0
     class_names, ti = job["class_names"], job["tumour_index"]
     tumour_name = class_names[ti]
     tissue = sg.tissue_cells
-    post = {"mode": job.get("postprocess") or "none", "patch_um": grid.patch_size * grid.target_mpp,
-            "px_um": grid.target_mpp}
+    ox0, oy0 = sg.origin0
+    shifted = bool(ox0 or oy0)
+    mode = job.get("postprocess") or "none"
     argmax_tumour = tumour
-    if post["mode"] != "none":   # the mask written (not the labels) is the post-processed one
-        tumour = apply_postprocess(post["mode"], tumour, tissue, cell_um=cell_um, patch_um=post["patch_um"],
-                                   px_um=post["px_um"])
-    out: dict = {"tumour_area_mm2": float(tumour.sum() * (cell_um / 1000.0) ** 2), "postprocess": post["mode"]}
+    fine = fine_tissue = None
+    if mode == "reference":
+        px = grid.target_mpp
+        shape_px = _canvas_shape(grid, px)
+        uncut = argmax_mask(maps) == ti            # the official code blurs the argmax before any tissue cut
+        fine_tissue = resample_nearest(sg.tissue_mask, sg.tissue_mpp, shape_px, px, False)
+        fine = official_order_smoothing(uncut, cell_um / px, (ox0 * grid.mpp0 / px, oy0 * grid.mpp0 / px),
+                                        shape_px, grid.patch_size, fine_tissue)
+        mask_mpp, mask_img, mask0 = px, fine, px / grid.mpp0
+        area = float(fine.sum() * (px / 1000.0) ** 2)
+    elif mode != "none":
+        tumour = apply_postprocess(mode, tumour, tissue, cell_um=cell_um, patch_um=grid.patch_size * grid.target_mpp,
+                                   px_um=grid.target_mpp)
+    if fine is None:
+        mask_mpp, mask_img, mask0 = cell_um, tumour, cell0
+        area = float(tumour.sum() * (cell_um / 1000.0) ** 2)
+    out: dict = {"tumour_area_mm2": area, "postprocess": mode}
+    origin_text = "0,0" if fine is not None else f"{ox0:g},{oy0:g}"
 
-    store.write_bytes(f"{res}/mask_{cell_um:.2f}mpp.png", png_bytes((tumour * 255).astype(np.uint8),
-                      mpp=cell_um, cell0=cell0, origin="0,0"))
+    name = f"mask_{mask_mpp:.2f}mpp.png" if fine is None else f"mask_{mask_mpp:.6g}mpp.png"   # the canvas: exact µm/px
+    store.write_bytes(f"{res}/{name}", png_bytes((mask_img * 255).astype(np.uint8),
+                      mpp=mask_mpp, cell0=mask0, origin=origin_text))
     store.write_bytes(f"{res}/labels_{cell_um:.2f}mpp.png", png_bytes((labels + 1).astype(np.uint8),
-                      classes="background," + ",".join(class_names), mpp=cell_um))
+                      classes="background," + ",".join(class_names), mpp=cell_um, origin=f"{ox0:g},{oy0:g}"))
     buf = io.BytesIO()
     np.savez_compressed(buf, maps=maps, probs=probs, counts=counts, tissue=tissue, cell_um=cell_um, cell0=cell0,
-                        classes=np.array(class_names))
+                        classes=np.array(class_names), origin0=np.array([ox0, oy0]))
     store.write_bytes(f"{res}/maps.npz", buf.getvalue())
-    store.write_json(f"{res}/prediction.geojson", mask_to_geojson(tumour, cell0, tumour_name))
 
     d = viewer_downsample(cell0)
     shape = (math.ceil(grid.height / d), math.ceil(grid.width / d))
+    viewer_mask = resample_nearest(mask_img, mask0, shape, d, False, offset=(0.0, 0.0) if fine is not None
+                                   else (-oy0, -ox0))
+    if fine is not None or shifted:   # polygons of the slide-aligned viewer raster
+        geojson = mask_to_geojson(viewer_mask, d, tumour_name)
+    else:
+        geojson = mask_to_geojson(tumour, cell0, tumour_name)
+    store.write_json(f"{res}/prediction.geojson", geojson)
     prob = (np.nan_to_num(probs[ti], nan=0.0) * 255).round().astype(np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
-        write_pyramidal_tiff(resample_nearest(tumour, cell0, shape, d, False), Path(tmp) / "mask.tiff",
-                             mpp=grid.mpp0 * d, nearest=True)
-        write_pyramidal_tiff(resample_nearest(prob, cell0, shape, d, 0), Path(tmp) / f"prob_{tumour_name}.tiff",
-                             mpp=grid.mpp0 * d)
+        write_pyramidal_tiff(viewer_mask, Path(tmp) / "mask.tiff", mpp=grid.mpp0 * d, nearest=True)
+        write_pyramidal_tiff(resample_nearest(prob, cell0, shape, d, 0, offset=(-oy0, -ox0)),
+                             Path(tmp) / f"prob_{tumour_name}.tiff", mpp=grid.mpp0 * d)
         store.upload_dir(tmp, res)
     out["viewer_downsample"] = d
 
     truth = None
     if entry.get("annotation_uri"):
         try:
-            m, truth = evaluate(entry["annotation_uri"], argmax_tumour, tissue, cell0=cell0, cell_um=cell_um,
-                                mpp0=grid.mpp0, evaluation=job.get("evaluation") or {},
-                                tumour_class_name=job.get("tumour_class_name"), post=post,
-                                storage_options=job.get("storage_options"))
+            common = dict(evaluation=job.get("evaluation") or {}, tumour_class_name=job.get("tumour_class_name"),
+                          storage_options=job.get("storage_options"))
+            if fine is not None:
+                m, truth_px = evaluate_canvas(entry["annotation_uri"], fine, fine_tissue, px_um=mask_mpp,
+                                              mpp0=grid.mpp0, **common)
+                truth = ("slide", truth_px, mask_mpp)
+            else:
+                post = {"mode": mode, "patch_um": grid.patch_size * grid.target_mpp, "px_um": grid.target_mpp}
+                m, truth_cells = evaluate(entry["annotation_uri"], argmax_tumour, tissue, cell0=cell0, cell_um=cell_um,
+                                          mpp0=grid.mpp0, post=post, origin0=(ox0, oy0), **common)
+                truth = ("cells", truth_cells, cell_um)
             store.write_json(f"{res}/metrics.json", m)
             out.update({k: m[k] for k in ("dice", "precision", "recall", "iou", "pred_area_mm2",
                                           "true_area_mm2", "metric_mpp")})
@@ -216,14 +276,27 @@ def write_outputs(store: OutputStore, job: dict, sg, *, maps, counts, labels, pr
 
     long_px = int(out_cfg.get("preview_px", 1024))
     fresh = ensure_preview(store, job, grid, long_px)
-    pv = draw_overlay(store, res, keys.tiles_dir, entry["slide_id"], tumour, tissue, truth, out.get("dice"),
-                      cell_um, long_px, fresh)
-    if pv is not None and out_cfg.get("heatmaps"):
-        rgb, mpp = pv
-        inside = lambda a: np.where(tissue, a, np.nan)  # noqa: E731 - heat-maps only over tissue
+    pv = fresh or preview(store, res, keys.tiles_dir, long_px)
+    if pv is None:
+        return out
+    rgb, mpp = pv
+    hw = rgb.shape[:2]
+    origin_um = (oy0 * grid.mpp0, ox0 * grid.mpp0)
+
+    def on_thumb(a, px_um, fill=False, slide_aligned=False):
+        """A cell-grid (or slide-aligned) array at the preview's pixel centres."""
+        return resample_nearest(a, px_um, hw, mpp, fill, offset=(0.0, 0.0) if slide_aligned
+                                else (-origin_um[0], -origin_um[1]))
+
+    truth_thumb = None if truth is None else on_thumb(truth[1], truth[2], slide_aligned=truth[0] == "slide")
+    pred_thumb = on_thumb(fine, mask_mpp, slide_aligned=True) if fine is not None else on_thumb(tumour, cell_um)
+    draw_overlay(store, res, keys.tiles_dir, entry["slide_id"], pred_thumb, on_thumb(tissue, cell_um), truth_thumb,
+                 out.get("dice"), cell_um, long_px, pv)
+    if out_cfg.get("heatmaps"):
+        inside = lambda a: on_thumb(np.where(tissue, a, np.nan), cell_um, np.nan)  # noqa: E731 - only over tissue
         for i, name in enumerate(class_names):
             store.write_bytes(f"{res}/heatmap_sim_{name}.jpg", jpeg_bytes(
-                similarity_heatmap(inside(maps[i]), rgb, cells_to_thumb=cell_um / mpp)))
+                similarity_heatmap(inside(maps[i]), rgb, cells_to_thumb=1.0)))
         store.write_bytes(f"{res}/heatmap_prob_{tumour_name}.jpg", jpeg_bytes(similarity_heatmap(
-            inside(probs[ti]), rgb, vmin=0.0, vmax=1.0, cells_to_thumb=cell_um / mpp)))
+            inside(probs[ti]), rgb, vmin=0.0, vmax=1.0, cells_to_thumb=1.0)))
     return out

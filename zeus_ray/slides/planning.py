@@ -24,7 +24,7 @@ from .magnification import LevelChoice, check_tile_budget, check_upsampling, cho
 from .access import fingerprint, localise, open_slide, open_slide_file, slide_read_errors
 from ..storage.keys import TILING_VERSION
 from ..storage.store import check_slide_id, stable_hash
-from .tiling import TileGrid, make_grid, tile_origins, tile_table
+from .tiling import TileGrid, make_grid, tile_origins, tile_table, tissue_anchor
 from .tissue import TissueMask, read_thumbnail, segment_tissue
 
 
@@ -70,9 +70,19 @@ def make_tiling_key(fp: str, mpp0: float, cfg: JobConfig) -> str:
     level-0 µm/px (an override moves every tile), the target, patch, stride, tissue parameters and
     the tissue threshold."""
     t = cfg.tiling
-    return stable_hash({"v": TILING_VERSION, "fingerprint": fp, "mpp0": mpp0, "target_mpp": t.mpp,
-                        "patch": t.patch_size, "stride": t.stride, "min_fraction": t.min_tissue_fraction,
-                        "tissue": cfg.tissue.model_dump()})
+    key = {"v": TILING_VERSION, "fingerprint": fp, "mpp0": mpp0, "target_mpp": t.mpp,
+           "patch": t.patch_size, "stride": t.stride, "min_fraction": t.min_tissue_fraction,
+           "tissue": cfg.tissue.model_dump()}
+    key.update(grid_rule(cfg))
+    return stable_hash(key)
+
+
+def grid_rule(cfg: JobConfig) -> dict:
+    """The tiling keys that are not at their defaults among anchor, selection and padding (left out
+    at the defaults, so that existing keys, and the outputs stored under them, stay valid)."""
+    t = cfg.tiling
+    return {k: getattr(t, k) for k, default in (("anchor", "slide"), ("selection", "fraction"), ("padding", "white"))
+            if getattr(t, k) != default}
 
 
 def plan_slide(uri: str, slide_id: str, cfg: JobConfig, mpp_override: float | None = None,
@@ -103,7 +113,14 @@ def plan_slide(uri: str, slide_id: str, cfg: JobConfig, mpp_override: float | No
     finally:
         slide.close()
     tissue = segment_tissue(thumb, thumb_mpp, cfg.tissue)
-    tiles = tile_table(grid, tissue, cfg.tiling.min_tissue_fraction, slide_id)
+    origin = (0, 0)
+    if cfg.tiling.anchor == "tissue":
+        origin = tissue_anchor(tissue.contours, tissue.mpp, mpp0)
+    four_point = cfg.tiling.selection == "four_point"
+    if origin != (0, 0) or cfg.tiling.padding != "white" or four_point:
+        grid = make_grid(w, h, mpp0, target, cfg.tiling.patch_size, cfg.tiling.stride, choice.level,
+                         choice.downsample, origin=origin, padding=cfg.tiling.padding, every_start=four_point)
+    tiles = tile_table(grid, tissue, cfg.tiling.min_tissue_fraction, slide_id, cfg.tiling.selection)
     check_tile_budget(slide_id, tiles.num_rows, cfg.tiling.max_tiles_per_slide, mpp0, source)
     status = NO_TISSUE if tissue.empty else (NO_TILES if tiles.num_rows == 0 else OK)
     key = make_tiling_key(fp, mpp0, cfg)

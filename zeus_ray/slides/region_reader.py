@@ -149,11 +149,15 @@ def _split_sparse(rows, cols, ids, grid: TileGrid) -> list[tuple]:
     return [g for p in parts for g in _split_sparse(rows[p], cols[p], ids[p], grid)]
 
 
-def rgba_to_rgb(img) -> np.ndarray:
+def rgba_to_rgb(img, padding: str = "white") -> np.ndarray:
     """PIL RGBA (OpenSlide.read_region) → RGB uint8 array; transparent pixels (outside the scanned
-    area) become white. Opaque images, the common case, skip the blending."""
+    area) become white, or with `padding` "black" the alpha is dropped as PIL's convert('RGB')
+    does (OpenSlide's transparent pixels are black: the published ZEUS code's tiles). Opaque
+    images, the common case, skip the blending."""
     from PIL import Image
 
+    if padding == "black":
+        return np.asarray(img.convert("RGB"))
     if img.getchannel("A").getextrema()[0] < 255:
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     return np.asarray(img.convert("RGB"))
@@ -166,14 +170,14 @@ def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def region_rgb(img, size: tuple[int, int]) -> np.ndarray:
+def region_rgb(img, size: tuple[int, int], padding: str = "white") -> np.ndarray:
     """A read_region result as RGB at `size`. An opaque region (the common case) is resized with
     its alpha channel and the alpha dropped after: the same pixels as converting first, with two
     fewer passes over the full-resolution image; a region with transparent pixels is composited
     over white first."""
     arr = np.asarray(img)
     if arr[..., 3].min() < 255:
-        return _resize(rgba_to_rgb(img), size)
+        return _resize(rgba_to_rgb(img, padding), size)
     return np.ascontiguousarray(_resize(arr, size)[..., :3])
 
 
@@ -183,19 +187,21 @@ def read_region_tiles(slide, grid: TileGrid, region: Region, stats: ReadStats | 
     tiff_levels.TiffLevels, serves its level; else OpenSlide's read_region), resize once, cut its
     tiles. Returns (tile_ids int64 (N,), tiles uint8 (N, P, P, 3)). Decoding errors → SlideError."""
     t0 = time.perf_counter()
+    padding = getattr(grid, "padding", "white")
+    fill = 0 if padding == "black" else 255
     if tiff is not None and tiff.has(region.level):
-        rgb = _resize(tiff.read(region.level, *region.origin, *region.read_size, slide_id=region.slide_id),
-                      region.out_size)
+        rgb = _resize(tiff.read(region.level, *region.origin, *region.read_size, slide_id=region.slide_id,
+                                fill=fill), region.out_size)
     else:
         with slide_read_errors(region.slide_id):
             img = slide.read_region(region.location, region.level, region.read_size)
-        rgb = region_rgb(img, region.out_size)
+        rgb = region_rgb(img, region.out_size, padding)
     p = grid.patch_size
     need_w = int(region.offsets[:, 0].max()) + p
     need_h = int(region.offsets[:, 1].max()) + p
-    if need_w > rgb.shape[1] or need_h > rgb.shape[0]:  # rounding at the far edge: pad white
+    if need_w > rgb.shape[1] or need_h > rgb.shape[0]:  # rounding at the far edge: pad as past the edge
         rgb = np.pad(rgb, ((0, max(0, need_h - rgb.shape[0])), (0, max(0, need_w - rgb.shape[1])), (0, 0)),
-                     constant_values=255)
+                     constant_values=fill)
     out = np.empty((region.n_tiles, p, p, 3), np.uint8)
     for i, (u, v) in enumerate(region.offsets):
         out[i] = rgb[v:v + p, u:u + p]
@@ -213,4 +219,4 @@ def read_tile_naive(slide, grid: TileGrid, x: int, y: int, slide_id: str = "") -
     benchmark as the baseline."""
     with slide_read_errors(slide_id):
         img = slide.read_region((int(x), int(y)), grid.level, (grid.read_size, grid.read_size))
-    return region_rgb(img, (grid.patch_size, grid.patch_size))
+    return region_rgb(img, (grid.patch_size, grid.patch_size), getattr(grid, "padding", "white"))

@@ -90,12 +90,13 @@ class TiffLevels:
     def has(self, level: int) -> bool:
         return level in self.pages
 
-    def read(self, level: int, x: int, y: int, w: int, h: int, slide_id: str = "") -> np.ndarray:
-        """RGB uint8 (h, w, 3) of level pixels [x, x + w) × [y, y + h); white outside the image
-        (where OpenSlide returns transparent pixels, which region reads composite over white)."""
+    def read(self, level: int, x: int, y: int, w: int, h: int, slide_id: str = "", fill: int = 255) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of level pixels [x, x + w) × [y, y + h); `fill` (white) outside the
+        image (where OpenSlide returns transparent pixels, which region reads composite over white;
+        0 gives them as PIL's convert('RGB') does: black)."""
         page = self.pages[level]
         tw, th, iw, ih = page.tilewidth, page.tilelength, page.imagewidth, page.imagelength
-        out = np.full((h, w, 3), 255, np.uint8)
+        out = np.full((h, w, 3), fill, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, iw), min(y + h, ih)
         if x1 <= x0 or y1 <= y0:
             return out
@@ -103,7 +104,7 @@ class TiffLevels:
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                 tile = self._tile(page, ty * per_row + tx, slide_id)
-                if tile is None:   # a tile the file does not store: left white
+                if tile is None:   # a tile the file does not store: left as outside the image
                     continue
                 ax, ay = tx * tw, ty * th
                 sx0, sy0, sx1, sy1 = max(x0, ax), max(y0, ay), min(x1, ax + tw), min(y1, ay + th)

@@ -1,7 +1,8 @@
 """Tile-grid geometry (pure: numpy and pyarrow, no OpenSlide).
 
-Conventions (docs/ARCHITECTURE.md): coordinates are level-0 px; the grid starts at the slide's
-(0, 0); tile (r, c) has its top-left at (round(c·stride0), round(r·stride0)) with
+Conventions (docs/ARCHITECTURE.md): coordinates are level-0 px; the grid starts at its origin, the
+slide's (0, 0) by default (`tiling.anchor: tissue`: the tissue's bounding box, as the published ZEUS
+code); tile (r, c) has its top-left at origin + (round(c·stride0), round(r·stride0)) with
 stride0 = stride · target_mpp / mpp0 and covers patch0 = patch · target_mpp / mpp0 level-0 px
 (floats). Rounding is half-up (floor(v + 0.5)), not Python's banker's rounding, so positions do not
 depend on parity. The grid has the fewest rows/columns that cover the slide: the last tile's box
@@ -15,6 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -58,6 +60,14 @@ class TileGrid:
     patch0: float            # level-0 px covered by one tile
     n_rows: int
     n_cols: int
+    origin_x: int = 0        # level-0 px of tile (0, 0)'s top-left (tiling.anchor)
+    origin_y: int = 0
+    padding: str = "white"   # pixels past the slide's edge: white or black (tiling.padding)
+
+    @property
+    def origin_um(self) -> tuple[float, float]:
+        """(x, y) of the grid's origin in µm from the slide's top-left."""
+        return self.origin_x * self.mpp0, self.origin_y * self.mpp0
 
     @property
     def level_mpp(self) -> float:
@@ -85,15 +95,32 @@ def _count(extent: int, stride0: float, patch0: float) -> int:
     return n
 
 
+def _starts(extent: int, stride0: float) -> int:
+    """Positions n with round((n-1)·stride0) < extent."""
+    n = max(1, math.ceil(extent / stride0))
+    while n > 1 and int(round_half_up((n - 1) * stride0)) >= extent:
+        n -= 1
+    while int(round_half_up(n * stride0)) < extent:
+        n += 1
+    return n
+
+
 def make_grid(width: int, height: int, mpp0: float, target_mpp: float, patch_size: int, stride: int,
-              level: int = 0, level_downsample: float = 1.0) -> TileGrid:
-    """The tile grid of a width × height (level-0 px) slide read from `level`."""
+              level: int = 0, level_downsample: float = 1.0, origin: tuple[int, int] = (0, 0),
+              padding: str = "white", every_start: bool = False) -> TileGrid:
+    """The tile grid of a width × height (level-0 px) slide read from `level`, its tile (0, 0) at
+    `origin` (level-0 px inside the slide); it covers the slide from there to its right/bottom edge
+    with the fewest positions, or with `every_start` has every position whose top-left lies inside
+    the slide (CLAM's grid, whose tiles run past the edge: tiling.selection four_point)."""
     if not (width > 0 and height > 0):
         raise ValueError(f"slide size {width}x{height} must be positive")
     if not (mpp0 > 0 and target_mpp > 0 and level_downsample > 0):
         raise ValueError("mpp0, target_mpp and level_downsample must be positive")
     if not (0 < stride <= patch_size):
         raise ValueError(f"stride {stride} must be in 1..patch_size ({patch_size})")
+    ox, oy = int(origin[0]), int(origin[1])
+    if not (0 <= ox < width and 0 <= oy < height):
+        raise ValueError(f"grid origin {origin} lies outside the {width}x{height} slide")
     f = target_mpp / mpp0            # level-0 px per target px
     stride0, patch0 = stride * f, patch_size * f
     scale = target_mpp / (mpp0 * level_downsample)
@@ -102,7 +129,9 @@ def make_grid(width: int, height: int, mpp0: float, target_mpp: float, patch_siz
         patch_size=int(patch_size), stride=int(stride), cell=math.gcd(int(patch_size), int(stride)),
         level=int(level), level_downsample=float(level_downsample), scale=float(scale),
         read_size=max(1, int(round_half_up(patch_size * scale))), stride0=stride0, patch0=patch0,
-        n_rows=_count(height, stride0, patch0), n_cols=_count(width, stride0, patch0))
+        n_rows=_starts(height - oy, stride0) if every_start else _count(height - oy, stride0, patch0),
+        n_cols=_starts(width - ox, stride0) if every_start else _count(width - ox, stride0, patch0),
+        origin_x=ox, origin_y=oy, padding=str(padding))
 
 
 def grid_positions(grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +142,8 @@ def grid_positions(grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
 
 def tile_origins(grid: TileGrid, rows, cols) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 (x, y) of the top-left of tiles (rows, cols)."""
-    return round_half_up(np.asarray(cols) * grid.stride0), round_half_up(np.asarray(rows) * grid.stride0)
+    return (grid.origin_x + round_half_up(np.asarray(cols) * grid.stride0),
+            grid.origin_y + round_half_up(np.asarray(rows) * grid.stride0))
 
 
 def _box_integral(sat: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -146,14 +176,59 @@ def tissue_fractions(grid: TileGrid, mask: np.ndarray, mask_mpp: float, rows, co
     return np.clip(area / (grid.patch0 * k) ** 2, 0.0, 1.0)
 
 
-def tile_table(grid: TileGrid, tissue_mask, min_fraction: float, slide_id: str) -> pa.Table:
+def _level0_contours(contours, mask_mpp: float, mpp0: float) -> list[np.ndarray]:
+    """Mask-px contours in level-0 px, truncated to integers as CLAM scales them."""
+    s = mask_mpp / mpp0
+    return [np.asarray(np.asarray(c, np.float64) * s, dtype=np.int32) for c in contours]
+
+
+def tissue_anchor(contours, mask_mpp: float, mpp0: float) -> tuple[int, int]:
+    """Level-0 top-left of the bounding box of all tissue contours ((0, 0) without tissue)."""
+    if not len(contours):
+        return 0, 0
+    boxes = np.array([cv2.boundingRect(c) for c in _level0_contours(contours, mask_mpp, mpp0)])
+    return max(0, int(boxes[:, 0].min())), max(0, int(boxes[:, 1].min()))
+
+
+def four_point_keep(grid: TileGrid, contours, holes, mask_mpp: float, rows, cols) -> np.ndarray:
+    """CLAM's four-point rule, as the published ZEUS code selects tiles: a tile is kept for a tissue
+    contour when its top-left lies in the contour's bounding box [x, x+w) × [y, y+h), one of the 4
+    points centre ± (patch0 // 2) // 2 (level-0 px, integers) is inside or on the contour and the
+    centre is not strictly inside a hole. Contours and holes are in mask px (TissueMask)."""
+    x, y = tile_origins(grid, rows, cols)
+    keep = np.zeros(len(x), bool)
+    half = int(round_half_up(grid.patch0)) // 2
+    shift = half // 2
+    cx, cy = x + half, y + half
+    level0_holes = _level0_contours(holes, mask_mpp, grid.mpp0)
+    for cont in _level0_contours(contours, mask_mpp, grid.mpp0):
+        bx, by, bw, bh = cv2.boundingRect(cont)
+        cand = np.flatnonzero(~keep & (x >= bx) & (x < bx + bw) & (y >= by) & (y < by + bh))
+        for i in cand:
+            pts = ((cx[i] - shift, cy[i] - shift), (cx[i] + shift, cy[i] + shift),
+                   (cx[i] + shift, cy[i] - shift), (cx[i] - shift, cy[i] + shift))
+            if not any(cv2.pointPolygonTest(cont, (float(px), float(py)), False) >= 0 for px, py in pts):
+                continue
+            centre = (float(cx[i]), float(cy[i]))
+            keep[i] = not any(cv2.pointPolygonTest(h, centre, False) > 0 for h in level0_holes)
+    return keep
+
+
+def tile_table(grid: TileGrid, tissue_mask, min_fraction: float, slide_id: str,
+               selection: str = "fraction") -> pa.Table:
     """The tiles table (`TILES_SCHEMA`) for tiles whose tissue fraction is ≥ min_fraction and > 0
-    (a tile without any tissue is never kept), with the grid as JSON in the schema metadata
-    (key b"zeus.grid"). `tissue_mask` is a tissue.TissueMask (mask + mpp)."""
+    (a tile without any tissue is never kept), or with `selection` "four_point" those
+    four_point_keep keeps, with the grid as JSON in the schema metadata (key b"zeus.grid").
+    `tissue_mask` is a tissue.TissueMask (mask + mpp, contours and holes)."""
     check_slide_id(slide_id)
     rows, cols = grid_positions(grid)
     frac = tissue_fractions(grid, tissue_mask.mask, tissue_mask.mpp, rows, cols)
-    keep = (frac >= min_fraction) & (frac > 0)
+    if selection == "four_point":
+        keep = four_point_keep(grid, tissue_mask.contours, tissue_mask.holes, tissue_mask.mpp, rows, cols)
+    elif selection == "fraction":
+        keep = (frac >= min_fraction) & (frac > 0)
+    else:
+        raise ValueError(f"tiling.selection {selection!r}: use fraction or four_point")
     rows, cols, frac = rows[keep], cols[keep], frac[keep]
     x, y = tile_origins(grid, rows, cols)
     n = len(rows)

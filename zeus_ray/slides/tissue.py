@@ -50,13 +50,13 @@ class TissueMask:
         return not self.mask.any()
 
 
-def _odd_kernel(um: float, mpp: float) -> int:
-    """Kernel side in px from a width in µm: odd (even sizes round up), ≥ 3, or 0 (skip) when the
-    width is under 2.5 px."""
+def _odd_kernel(um: float, mpp: float, odd: bool = True) -> int:
+    """Kernel side in px from a width in µm: odd (even sizes round up; with `odd` False kept as
+    given), ≥ 3, or 0 (skip) when the width is under 2.5 px."""
     k = int(round(um / mpp))
     if k < 3:
         return 0
-    return k if k % 2 else k + 1
+    return k if k % 2 or not odd else k + 1
 
 
 def median_then_threshold(img: np.ndarray, k: int, thresh: int) -> np.ndarray:
@@ -82,7 +82,7 @@ def segment_tissue(thumb_rgb: np.ndarray, thumb_mpp: float, cfg: TissueConfig) -
     else:
         binary = median_then_threshold(sat, k, cfg.saturation_threshold)
     # Odd kernel: OpenCV anchors an even kernel off-centre and the closing would shift the mask.
-    c = _odd_kernel(cfg.close_um, thumb_mpp)
+    c = _odd_kernel(cfg.close_um, thumb_mpp, cfg.odd_kernels)
     if c:
         binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, np.ones((c, c), np.uint8))
 
@@ -117,7 +117,8 @@ def segment_tissue(thumb_rgb: np.ndarray, thumb_mpp: float, cfg: TissueConfig) -
         # A hole's contour runs through the tissue pixels around it: clear the filled hole, then
         # give its outline back to the tissue so only background pixels are removed.
         cv2.drawContours(mask, kept_holes, -1, 0, thickness=cv2.FILLED)
-        cv2.drawContours(mask, kept_holes, -1, 1, thickness=1)
+        if cfg.hole_outlines:
+            cv2.drawContours(mask, kept_holes, -1, 1, thickness=1)
     return TissueMask(mask=mask, mpp=float(thumb_mpp), contours=kept_tissue, holes=kept_holes)
 
 

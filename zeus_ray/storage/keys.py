@@ -48,6 +48,9 @@ def tiling_key(cfg) -> str:
            "min_tissue": t.min_tissue_fraction, "tissue": cfg.tissue.model_dump()}
     if cfg.input.default_mpp is not None:   # moves every tile of the slides that use it
         key["default_mpp"] = cfg.input.default_mpp
+    for k, default in (("anchor", "slide"), ("selection", "fraction"), ("padding", "white")):
+        if getattr(t, k) != default:   # at the defaults left out: existing keys stay valid
+            key[k] = getattr(t, k)
     if t.mode == "adaptive":   # its embeddings are a subset: never mixed with full-overlap ones
         key["adaptive"] = [t.adaptive_margin, t.adaptive_dilation, t.adaptive_disagreement, t.adaptive_coarse_first]
     return stable_hash(key, 12)
@@ -56,7 +59,10 @@ def tiling_key(cfg) -> str:
 def run_key(prompt_key: str, cfg) -> str:
     """The key of a run's results and cohort folder: the prompt key, plus the post-processing when
     one is on (its masks and metrics differ, so they never share a folder with the plain ones)."""
-    return prompt_key if cfg.postprocess == "none" else f"{prompt_key}-{cfg.postprocess}"
+    key = prompt_key
+    if cfg.model.conch_tokenization != "conch" and cfg.model.id.strip() == "conch":   # other text embeddings
+        key = f"{key}-{cfg.model.conch_tokenization}"
+    return key if cfg.postprocess == "none" else f"{key}-{cfg.postprocess}"
 
 
 def slide_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str, pkey: str,

@@ -427,11 +427,17 @@ def rasterise_geometry(geom: BaseGeometry, shape: tuple[int, int], cell0: float)
     return out.astype(bool)
 
 
-def rasterise_annotation(annotation: Annotation, shape: tuple[int, int], cell0: float) -> np.ndarray:
-    """The ground truth on the cell grid (H, W) of `cell0` level-0 px per cell, sampled at cell
-    centres: polygons by point-in-region, mask images by their nearest pixel (outside the mask: False)."""
+def rasterise_annotation(annotation: Annotation, shape: tuple[int, int], cell0: float,
+                         origin0: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """The ground truth on the cell grid (H, W) of `cell0` level-0 px per cell whose (x, y) origin
+    is `origin0` level-0 px, sampled at cell centres: polygons by point-in-region, mask images by
+    their nearest pixel (outside the mask: False)."""
+    ox, oy = float(origin0[0]), float(origin0[1])
     if annotation.mask is None:
-        return rasterise_geometry(annotation.geometry if annotation.geometry is not None else Polygon(),
-                                  shape, cell0)
+        geom = annotation.geometry if annotation.geometry is not None else Polygon()
+        if ox or oy:
+            geom = shapely.transform(geom, lambda xy: xy - np.array([ox, oy]))
+        return rasterise_geometry(geom, shape, cell0)
     from ..maps.rasterise import resample_nearest   # mask px are `downsample` level-0 px, cells `cell0`
-    return resample_nearest(annotation.mask.astype(bool, copy=False), annotation.downsample, shape, float(cell0), False)
+    return resample_nearest(annotation.mask.astype(bool, copy=False), annotation.downsample, shape, float(cell0), False,
+                            offset=(oy, ox))
