@@ -257,6 +257,75 @@ def test_apply_to_cohort_is_zeus_reprompt(client, run):
     assert yaml.safe_load(Path(st["prompt_file"]).read_text())["name"] == "swapped"
 
 
+READY = "() => window.studio && window.studio.ready && window.studio.fullyLoaded()"
+CANVAS = """() => { const c = window.studio.viewer.drawer.canvas, d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let sum = 0, blue = 0;
+  for (let i = 0; i < d.length; i += 4) { sum += d[i] * 3 + d[i + 1] * 5 + d[i + 2] * 7; if (d[i + 2] > d[i] + 40 && d[i + 2] > d[i + 1] + 40) blue++; }
+  return [sum, blue]; }"""
+
+
+def _levels(urls: list[str]) -> int:
+    return max(int(u.split("/dzi_files/")[1].split("/")[0]) for u in urls)
+
+
+def test_browser_cohort_slide_zoom_overlay_reprompt(client, run, tmp_path):
+    """Headless Chromium on `zeus studio`: cohort page → slide → zoom → mask off/on → edit, apply."""
+    from playwright.sync_api import sync_playwright
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is required (apt-get install -y chromium; .ci/run installs it)"
+    ps = client.get("/api/prompts").json()["prompts"]
+    expected = client.post("/api/slides/syn-0/apply", json={"prompts": _swapped(ps)}, headers=W).json()["after"]
+    proc, url, _ = _start_cli(run[0])
+    tiles: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: tiles.append(r.url) if "/dzi_files/" in r.url else None)
+            page.goto(url)
+            page.wait_for_selector("tr[data-slide='syn-0'] img.thumb")
+            assert page.locator("#slides tbody tr").count() == 3
+            page.click("#b-failed")
+            page.wait_for_function("document.querySelectorAll('#slides tbody tr').length === 1")
+            assert page.inner_text("#slides tbody").startswith("bad-1") or "bad-1" in page.inner_text("#slides tbody")
+            page.click("#b-failed")
+            page.wait_for_selector("a:text-is('syn-0')")
+            page.click("a:text-is('syn-0')")
+            page.wait_for_function(READY, timeout=60_000)
+            shallow = _levels(tiles)
+            page.evaluate("() => { const v = window.studio.viewer.viewport; v.zoomBy(6); v.applyConstraints(true); }")
+            page.wait_for_function(f"() => ({READY})() && window.studio.viewer.viewport.getZoom() > 3", timeout=60_000)
+            page.wait_for_timeout(300)
+            assert _levels(tiles) > shallow   # finer tiles were fetched for the zoomed view
+            on = page.evaluate(CANVAS)
+            page.uncheck("#on-mask")
+            page.wait_for_function(f"() => ({CANVAS})()[0] !== {on[0]}", timeout=10_000)
+            off = page.evaluate(CANVAS)
+            assert off[1] < on[1]   # fewer prediction-blue pixels without the mask
+            page.check("#on-mask")
+            page.wait_for_function(f"() => ({CANVAS})()[1] > {(on[1] + off[1]) / 2}", timeout=10_000)   # back on
+            before = page.inner_text("#m-before-dice")
+            names = page.locator(".c-names")
+            a, b = names.nth(0).input_value(), names.nth(1).input_value()
+            names.nth(0).fill(b)
+            names.nth(1).fill(a)
+            page.click("#b-apply")
+            page.wait_for_function("document.getElementById('m-after-dice').textContent !== '–'", timeout=180_000)
+            page.wait_for_function(READY, timeout=60_000)
+            after = page.inner_text("#m-after-dice")
+            assert after == f"{expected['dice']:.3f}" and after != before
+            assert page.evaluate(CANVAS) != on   # the new mask is drawn
+            shot = tmp_path / "studio.png"
+            page.screenshot(path=str(shot))
+            browser.close()
+        assert Image.open(shot).size == (1400, 900) and not errors, errors
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_zz_the_opened_run_is_unchanged(run):
     out, pk, before, _ = run
     after = _snapshot(out)

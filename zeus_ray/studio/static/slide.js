@@ -80,7 +80,10 @@ function overlayControls(names, classes) {
 studio.fullyLoaded = () => {
   const w = studio.viewer && studio.viewer.world;
   if (!w || w.getItemCount() < 1 + Object.keys(studio.items).length) return false;
-  for (let i = 0; i < w.getItemCount(); i++) if (!w.getItemAt(i).getFullyLoaded()) return false;
+  for (let i = 0; i < w.getItemCount(); i++) {   // a hidden layer is not drawn, so never loads
+    const it = w.getItemAt(i);
+    if (it.getOpacity() > 0 && !it.getFullyLoaded()) return false;
+  }
   return true;
 };
 
