@@ -30,8 +30,9 @@ def _run(args) -> int:
     from ..studio.security import is_loopback, new_token
 
     for o in args.overrides:
-        if not o.strip().startswith("model."):
-            raise ConfigError(f"--set {o!r}: zeus studio takes only model.<key>=value (e.g. model.weights=PATH)")
+        if not o.strip().startswith(("model.", "input.storage_options")):
+            raise ConfigError(f"--set {o!r}: zeus studio takes only model.<key>=value (e.g. model.weights=PATH) "
+                              "and input.storage_options.<key>=value")
     run = StudioRun(args.results, args.prompt_key, args.overrides)
     token = None if is_loopback(args.host) else new_token()
     hosts = ["127.0.0.1", "localhost"] if is_loopback(args.host) else ["*"]

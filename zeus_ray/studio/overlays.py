@@ -81,4 +81,4 @@ def truth_overlay(truth: np.ndarray, px0: float) -> Overlay:
 
 
 def tissue_overlay(tissue: np.ndarray, px0: float) -> Overlay:
-    return outline_overlay(tissue, px0, TISSUE_RGB, "tissue", thickness=1)
+    return outline_overlay(tissue, px0, TISSUE_RGB, "tissue")

@@ -56,16 +56,16 @@ function legend(name) {
   if (!g || !el) return;
   if (g.kind === "ramp") {
     el.innerHTML = `<span class="ramp" style="background:linear-gradient(to right,${g.colors.join(",")})"></span> ` +
-      `<span class="legend-range">${g.min.toFixed(3)} … ${g.max.toFixed(3)}</span> ${esc(g.label)}`;
+      `<span class="legend-range">${g.min.toFixed(3)} … ${g.max.toFixed(3)}</span>`;
   } else if (g.kind === "line") {
-    el.innerHTML = `<span class="swatch line" style="border-color:${g.color}"></span>${esc(g.label)}`;
+    el.innerHTML = `<span class="swatch line" style="border-color:${g.color}" title="${esc(g.label)}"></span>`;
   } else {
-    el.innerHTML = `<span class="swatch" style="background:${g.color}"></span>${esc(g.label)}`;
+    el.innerHTML = `<span class="swatch" style="background:${g.color}" title="${esc(g.label)}"></span>`;
   }
 }
 
 function overlayControls(names, classes) {
-  const label = (n) => n.startsWith("heat-") ? `similarity: ${classes[+n.slice(5)]}` : n === "truth" ? "ground truth" : n;
+  const label = (n) => n.startsWith("heat-") ? `similarity: ${classes[+n.slice(5)]}` : n === "truth" ? "ground truth" : n === "mask" ? "mask (predicted tumour)" : n;
   $("overlays").innerHTML = names.map((n) => `<div class="ovl" id="ovl-${n}">` +
     `<input type="checkbox" id="on-${n}" ${studio.layers[n].on ? "checked" : ""}>` +
     `<label for="on-${n}">${esc(label(n))}<br><span class="lg"></span></label>` +
