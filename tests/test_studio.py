@@ -177,6 +177,8 @@ def test_save_writes_a_valid_prompt_file(client, run):
     assert parsed["classes"] == ps["classes"]
     r = client.post("/api/prompts/parse", json={"yaml": "name: x\ntemplates: [a]\n"}, headers=W)
     assert r.status_code == 400 and "prompt file" in r.json()["error"]
+    r = client.post("/api/prompts/parse", json={"yaml": "x" * (2 << 20)}, headers=W)
+    assert r.status_code == 400 and "KiB" in r.json()["error"]
 
 
 def test_paths_from_the_browser_are_checked(client, run):

@@ -8,6 +8,7 @@ served by Starlette's StaticFiles (which refuses paths outside its folder)."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -165,11 +166,20 @@ def _handle(fn):
     return wrapped
 
 
-async def _prompt_body(request: Request) -> PromptSet:
+MAX_BODY = 1 << 20   # a prompt set is a few kB; refuse anything past 1 MiB unread
+
+
+async def _json(request: Request):
+    if int(request.headers.get("content-length") or 0) > MAX_BODY or len(body := await request.body()) > MAX_BODY:
+        raise ZeusError(f"the request body is over {MAX_BODY // 1024} KiB; a prompt file is a few kB")
     try:
-        body = await request.json()
+        return json.loads(body)
     except ValueError:
         raise ZeusError("the request body is not JSON") from None
+
+
+async def _prompt_body(request: Request) -> PromptSet:
+    body = await _json(request)
     if not isinstance(body, dict) or not isinstance(body.get("prompts"), dict):
         raise ZeusError("send {\"prompts\": {name, templates, classes, tumour_class}}")
     return parse_prompt_set(body["prompts"], "prompt panel")
@@ -247,10 +257,7 @@ def build_app(studio: Studio, *, token: str | None = None, allowed_hosts: list[s
 
     @_async_handle
     async def parse(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ZeusError("the request body is not JSON") from None
+        body = await _json(request)
         import yaml
         text = body.get("yaml") if isinstance(body, dict) else None
         if not isinstance(text, str):
