@@ -220,13 +220,13 @@ def _start_cli(out: Path, *extra: str):
 
 def test_cli_serves_and_requires_a_token_off_loopback(run):
     import httpx
-    proc, url, _ = _start_cli(run[0])
+    proc, url, _ = _start_cli(run[0], "--prompt-key", run[1])
     try:
         assert httpx.get(url + "api/run").json()["n_slides"] == 3 and url.startswith("http://127.0.0.1:")
     finally:
         proc.terminate()
         proc.wait(30)
-    proc, url, lines = _start_cli(run[0], "--host", "0.0.0.0")
+    proc, url, lines = _start_cli(run[0], "--host", "0.0.0.0", "--prompt-key", run[1])
     try:
         port = re.search(r":(\d+)/", url).group(1)
         token = re.search(r"token=(\S+)", url).group(1)
@@ -311,7 +311,7 @@ def test_browser_cohort_slide_zoom_overlay_reprompt(client, run, tmp_path):
     assert chromium, "Debian's chromium is required (apt-get install -y chromium; .ci/run installs it)"
     ps = client.get("/api/prompts").json()["prompts"]
     expected = client.post("/api/slides/syn-0/apply", json={"prompts": _swapped(ps)}, headers=W).json()["after"]
-    proc, url, _ = _start_cli(run[0])
+    proc, url, _ = _start_cli(run[0], "--prompt-key", run[1])   # not the newer re-prompt's run
     tiles: list[str] = []
     try:
         with sync_playwright() as p:
