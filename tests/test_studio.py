@@ -258,6 +258,15 @@ def test_a_run_in_a_bucket(run, s3_bucket):
     assert c.get("/api/slides/syn-1/dzi_files/8/0_0.jpeg").headers["content-type"] == "image/jpeg"
 
 
+def test_cli_bad_root_and_options_are_one_line_errors(tmp_path, capsys):
+    from zeus_ray.cli import main
+    assert main(["studio", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "run.json" in err and "\n" not in err
+    assert main(["studio", str(tmp_path), "--set", "tiling.mpp=2"]) == 2
+    assert "model.<key>" in capsys.readouterr().err
+
+
 def test_apply_to_cohort_is_zeus_reprompt(client, run):
     out, pk, _, _ = run
     ps = _swapped(client.get("/api/prompts").json()["prompts"])

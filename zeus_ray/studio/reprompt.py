@@ -58,7 +58,7 @@ class CachedTextEncoder:
             new = list(dict.fromkeys(t for t in texts if t not in self._rows))
             if new:
                 emb = np.asarray(self.encoder.encode_texts(new), dtype=np.float64)
-                self._rows.update(zip(new, emb))
+                self._rows.update(zip(new, emb, strict=True))
             return np.stack([self._rows[t] for t in texts])
 
 
