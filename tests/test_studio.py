@@ -189,6 +189,7 @@ def test_paths_from_the_browser_are_checked(client, run):
         r = client.get(url)
         assert r.status_code == 404, url
         assert "root:" not in r.text and "import" not in r.text
+    assert client.get("/api/slides/bad-1/overlays/mask.png").status_code == 404   # failed: no results
     r = client.get("/api/slides/bad-1/dzi.dzi")   # a failed slide whose file is missing: one line, no trace
     assert r.status_code == 400 and "bad-1" in r.json()["error"] and "\n" not in r.json()["error"]
     assert client.post("/api/slides/syn-0/apply", json={}).status_code == 403   # no write header

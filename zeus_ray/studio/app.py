@@ -27,7 +27,7 @@ from ..errors import ZeusError
 from ..prompts import PromptSet, parse_prompt_set
 from . import overlays as ov
 from .cohort_job import CohortJob, prompt_yaml, save_prompt_set
-from .reprompt import METRIC_KEYS, Reprompter, UnknownDraft
+from .reprompt import METRIC_KEYS, NoStoredResults, Reprompter, UnknownDraft
 from .run_data import StudioRun, UnknownSlide, query_slides
 from .security import StudioGuard
 from .tiles import DeepZoomTiles, LRUCache, TileError
@@ -152,7 +152,7 @@ def _metrics(m: dict | None, area: float) -> dict:
 
 
 def _error(e: Exception) -> JSONResponse:
-    status = 404 if isinstance(e, (UnknownSlide, UnknownDraft, NotFound, TileError)) else 409 if isinstance(e, Conflict) else 400
+    status = 404 if isinstance(e, (UnknownSlide, UnknownDraft, NoStoredResults, NotFound, TileError)) else 409 if isinstance(e, Conflict) else 400
     return JSONResponse({"error": str(e)}, status_code=status)
 
 

@@ -5,6 +5,7 @@ markers written under the new prompt key. Results land under their own prompt ke
 studio was opened on is not touched."""
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import subprocess
@@ -59,6 +60,7 @@ class CohortJob:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      stdin=subprocess.DEVNULL, env=dict(os.environ))
         threading.Thread(target=self._read, daemon=True).start()
+        atexit.register(self.stop)   # a studio that stops takes its re-prompt along (a re-run resumes it)
 
     def _read(self) -> None:
         for line in self.proc.stdout:

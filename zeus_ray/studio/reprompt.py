@@ -29,6 +29,10 @@ class UnknownDraft(ZeusError):
     """A draft key this session has not applied (answered 404)."""
 
 
+class NoStoredResults(ZeusError):
+    """A slide of the run without stored results (failed, no tissue): answered 404."""
+
+
 class CachedTextEncoder:
     """The run's encoder on CPU, loaded on first use; `encode_texts` encodes only unseen prompts."""
 
@@ -93,7 +97,7 @@ def post_settings(cfg, sg: SlideGrid) -> dict:
 def load_slide_state(run, ref) -> SlideState:
     store, keys = run.store, ref.keys
     if keys is None:
-        raise ZeusError(f"slide {ref.slide_id}: no stored results in run {run.prompt_key} "
+        raise NoStoredResults(f"slide {ref.slide_id}: no stored results in run {run.prompt_key} "
                         f"(status {ref.row.get('status')}); re-run it with `zeus run`")
     sg = load_slide_grid(store, keys.tiles_dir)
     emb = load_embeddings(store, keys.emb_dir, sg)
