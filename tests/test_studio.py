@@ -361,6 +361,13 @@ def test_browser_cohort_slide_zoom_overlay_reprompt(client, run, tmp_path):
             after = page.inner_text("#m-after-dice")
             assert after == f"{expected['dice']:.3f}" and after != before
             assert applied != on   # the new mask is drawn
+            other = tmp_path / "other.yaml"
+            other.write_text((ROOT / "prompts" / "multiclass-skin.yaml").read_text())
+            page.set_input_files("#load-file", str(other))   # load another prompt file into the panel
+            page.wait_for_function("document.getElementById('msg').textContent.startsWith('loaded other.yaml')")
+            loaded = load_prompt_set(str(other))
+            assert page.input_value("#ps-name") == loaded.name
+            assert page.locator(".cls").count() == len(loaded.classes)
             shot = tmp_path / "studio.png"
             page.screenshot(path=str(shot))
             browser.close()
