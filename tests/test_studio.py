@@ -204,6 +204,8 @@ def test_token_is_required_on_a_shared_host(run):
     r = c.get("/?token=s3cret-token")
     assert r.status_code == 303 and r.headers["location"] == "/" and "httponly" in r.headers["set-cookie"].lower()
     assert c.get("/api/run").status_code == 200   # the cookie now
+    r = TestClient(app, follow_redirects=False).get("/slide?id=syn-0&token=s3cret-token")
+    assert r.headers["location"] == "/slide?id=syn-0"   # the rest of the address is kept
     assert TestClient(app).get("/api/run", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from http.cookies import SimpleCookie
+from urllib.parse import urlencode
 
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import PlainTextResponse, RedirectResponse
@@ -33,6 +34,12 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def _cookie_name(scope) -> str:
+    """One cookie per port: browsers share cookies across the ports of a host, studios must not."""
+    server = scope.get("server") or (None, None)
+    return f"{COOKIE}_{server[1]}" if server[1] else COOKIE
+
+
 class StudioGuard:
     """ASGI middleware: the token (when set) and the write header, on every HTTP request."""
 
@@ -49,13 +56,15 @@ class StudioGuard:
         if self.token is not None:
             query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
             cookie = SimpleCookie(headers.get("cookie", ""))
+            name = _cookie_name(scope)
             bearer = headers.get("authorization", "")
             if self._token_ok(query.get("token")) and scope["method"] == "GET":
                 # Trade the token in the address for a cookie, and drop it from the address bar.
-                resp = RedirectResponse(scope["path"], status_code=303)
-                resp.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+                rest = urlencode([(k, v) for k, v in query.multi_items() if k != "token"])
+                resp = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
+                resp.set_cookie(name, self.token, httponly=True, samesite="strict")
                 return await resp(scope, receive, send)
-            ok = (COOKIE in cookie and self._token_ok(cookie[COOKIE].value)) or \
+            ok = (name in cookie and self._token_ok(cookie[name].value)) or \
                 (bearer.startswith("Bearer ") and self._token_ok(bearer[7:]))
             if not ok:
                 resp = PlainTextResponse("zeus studio: open the address with ?token=… printed when the studio "
