@@ -12,7 +12,7 @@ from .errors import ZeusError
 
 # Subcommand modules, in the order `zeus --help` lists them. A module that is absent (a stage
 # not built yet) is skipped, so the CLI works at every stage of the project.
-COMMANDS = ["run", "manifest", "reprompt", "tiles", "models", "doctor", "prompts", "evaluate", "report", "config"]
+COMMANDS = ["run", "manifest", "reprompt", "tiles", "models", "doctor", "prompts", "evaluate", "report", "studio", "config"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     from ..cli import main as zeus
     rc = zeus(["run", args.config])
     print(f"outputs: {ROOT / 'demo_output' / 'results'} (slides/<id>/results/... and cohort/<prompt key>/)")
+    if rc == 0:
+        print("look at them on the slides, and try other prompts live:\n"
+              f"  zeus studio {Path('demo_output') / 'results'}   (or: python -m zeus_ray studio ...)", flush=True)
     return rc
 
 
