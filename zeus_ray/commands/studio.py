@@ -5,7 +5,7 @@ Bound to 127.0.0.1 unless --host says otherwise; on any other address it require
 once below. The run it opens is never changed: re-prompts land under their own prompt keys."""
 from __future__ import annotations
 
-from ..cli import add_set_option
+from .options import add_set_option
 from ..errors import ConfigError
 
 
