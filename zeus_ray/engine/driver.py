@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ZeusError
-from ..storage.keys import FAILED, NO_TISSUE, OK, run_key, slide_keys, source_identity, tiling_key
+from ..storage.keys import FAILED, NO_TISSUE, OK, run_key, source_identity, tiling_key
+from ..slides.mpp_keys import keys_by_slide
 from ..cohort_input.manifest import load_cohort
 from ..prompts import load_prompt_set, prompt_key as make_prompt_key
 from ..storage.store import OutputStore
@@ -118,7 +119,7 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases) -> Run
         pkey = run_key(make_prompt_key(prompt_set, model_key), cfg)
         tkey = tiling_key(cfg)
         summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=plan.describe())
-        keys_of = {e.slide_id: slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey) for e in entries}
+        keys_of = keys_by_slide(store, entries, cfg, tkey, model_key, pkey, open_slides=not stored_only)
         opts = getattr(cfg.input, "storage_options", None)
         with ThreadPoolExecutor(16) as ex:   # bucket stats overlap
             sources = dict(zip(keys_of, ex.map(lambda e: None if stored_only else source_identity(e.uri, opts),

@@ -122,7 +122,8 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 
     from ..cohort_input.manifest import load_cohort
     from .cluster import init_ray
-    from ..storage.keys import run_key, slide_keys, tiling_key
+    from ..slides.mpp_keys import keys_by_slide
+    from ..storage.keys import run_key, tiling_key
     from ..prompts import load_prompt_set, prompt_key
     from ..storage.store import OutputStore
 
@@ -136,7 +137,7 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         mats = ray.put(variant_matrices(prompt_emb, vs))
         pkey, tkey = run_key(prompt_key(ps, model_key), cfg), tiling_key(cfg)
         task = ray.remote(_slide_task).options(num_cpus=1)
-        keys = {e.slide_id: slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey) for e in entries}
+        keys = keys_by_slide(store, entries, cfg, tkey, model_key, pkey, open_slides=False)
         refs = [task.remote(store.root_uri, keys[e.slide_id], e.as_dict(), mats, ps.tumour_index,
                             cfg.evaluation.model_dump(), ps.class_names[ps.tumour_index])
                 for e in entries if store.complete(keys[e.slide_id].emb_dir)]

@@ -5,7 +5,9 @@
   the code that computes them (`TILING_VERSION`); one folder per key under a slide.
 - model key (encoder id + weights fingerprint) and prompt key (hash of the resolved ensemble and
   the model key) come from the encoder and prompts modules.
-- A slide's per-slide key adds its µm/px override (an override moves every tile).
+- A slide's per-slide key adds its µm/px override (an override moves every tile), and
+  input.default_mpp only for the slides that use it (slides/mpp_keys.py), so adding or changing
+  that fallback never recomputes a slide with its own µm/px.
 
 Layout under the output root (store.OutputStore):
   slides/<slide_id>/tiles/<key>/              tiles.parquet, tissue mask, preview
@@ -41,8 +43,6 @@ def tiling_key(cfg) -> str:
     t = cfg.tiling
     key = {"v": TILING_VERSION, "mpp": t.mpp, "patch": t.patch_size, "stride": t.stride,
            "min_tissue": t.min_tissue_fraction, "tissue": cfg.tissue.model_dump()}
-    if cfg.input.default_mpp is not None:   # moves every tile of the slides that use it
-        key["default_mpp"] = cfg.input.default_mpp
     if t.mode == "adaptive":   # its embeddings are a subset: never mixed with full-overlap ones
         key["adaptive"] = [t.adaptive_margin, t.adaptive_dilation, t.adaptive_disagreement, t.adaptive_coarse_first]
     return stable_hash(key, 12)
@@ -54,8 +54,11 @@ def run_key(prompt_key: str, cfg) -> str:
     return prompt_key if cfg.postprocess == "none" else f"{prompt_key}-{cfg.postprocess}"
 
 
-def slide_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str, pkey: str) -> Keys:
-    skey = stable_hash([tkey, mpp_override], 12)
+def slide_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str, pkey: str,
+               default_mpp: float | None = None) -> Keys:
+    """`default_mpp`: the input.default_mpp this slide's tiles use (None for a slide with its own µm/px)."""
+    skey = stable_hash([tkey, mpp_override] if default_mpp is None else
+                       [tkey, mpp_override, {"default_mpp": default_mpp}], 12)
     return Keys(skey, model_key, pkey, store.slide_dir(slide_id, "tiles", skey),
                 store.slide_dir(slide_id, "embeddings", skey, safe_component(model_key)),
                 store.slide_dir(slide_id, "results", skey, pkey))
