@@ -216,7 +216,7 @@ def check_output(ctx: Context) -> list[Line]:
     from ..storage.store import OutputStore
     root = ctx.cfg.output.root
     try:
-        store = OutputStore(root)
+        store = OutputStore(root, ctx.cfg.output.storage_options)
         probe = store.path(f".zeus-doctor-{uuid.uuid4().hex[:8]}")
         created = []
         if store.local:   # remember which folders the probe creates, to remove them again

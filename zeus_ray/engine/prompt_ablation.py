@@ -129,7 +129,7 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 
     ps = load_prompt_set(cfg.prompts.file)
     entries = [e for e in load_cohort(cfg.input) if e.annotation_uri]
-    store = OutputStore(cfg.output.root)
+    store = OutputStore(cfg.output.root, cfg.output.storage_options)
     started = init_ray(cfg)
     try:
         prompt_emb, model_key = ray.get(ray.remote(_text_task).options(num_cpus=1).remote(cfg.model, ps))
@@ -138,7 +138,7 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         pkey, tkey = run_key(prompt_key(ps, model_key), cfg), tiling_key(cfg)
         task = ray.remote(_slide_task).options(num_cpus=1)
         keys = keys_by_slide(store, entries, cfg, tkey, model_key, pkey, open_slides=False)
-        refs = [task.remote(store.root_uri, keys[e.slide_id], e.as_dict(), mats, ps.tumour_index,
+        refs = [task.remote(store, keys[e.slide_id], e.as_dict(), mats, ps.tumour_index,
                             cfg.evaluation.model_dump(), ps.class_names[ps.tumour_index])
                 for e in entries if store.complete(keys[e.slide_id].emb_dir)]
         results = ray.get(refs)

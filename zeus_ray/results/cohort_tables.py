@@ -62,9 +62,9 @@ def _write_tables(store: OutputStore, out: str, df: pd.DataFrame, model_id: str)
     if "dice" not in df or df["dice"].notna().sum() == 0:
         for stale in (f"{out}/{t}.{ext}" for t in ("table1", "table2") for ext in ("csv", "parquet", "md")):
             if store.exists(stale):   # an earlier evaluation's tables no longer hold
-                store.fs.rm(stale)
+                store.rm(stale)
         return
     from ..truth.metrics import cohort_tables, write_tables
     ok = df[df["status"] == "ok"].copy()
     ok["model"] = model_id
-    write_tables(cohort_tables(ok), store.uri(out))
+    write_tables(cohort_tables(ok), out, store=store)

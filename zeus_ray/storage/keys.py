@@ -68,9 +68,9 @@ def source_identity(uri: str, storage_options: dict | None = None) -> str:
     """Cheap identity of a slide file (size + mtime or ETag), checked before reusing outputs so
     that a replaced slide is processed again. Unreachable slides get an identity that never
     matches, so they are retried."""
-    from ..slides.access import _filesystem   # the input.storage_options rules of every input read
+    from .remote import filesystem   # the input.storage_options rules of every input read
     try:
-        fs, path = _filesystem(uri, storage_options)
+        fs, path = filesystem(uri, storage_options)
         info = fs.info(path)
     except Exception:  # noqa: BLE001 - any failure: "unknown", retried by the run
         return "unavailable"
