@@ -23,6 +23,7 @@ from pathlib import Path
 
 
 from ..errors import ZeusError
+from ..storage.store import MARKER
 from .manifest import SLIDE_SUFFIXES
 from .rules import ANNOTATION_EXTS, assign_ids, field_rules, safe_slide_id, strip_convention
 from ..slides.access import _cause, _filesystem, _redact, _secrets
@@ -79,6 +80,9 @@ def _open_root(uri: str, flag: str, options: dict) -> _Root:
     return _Root(uri, flag, fs, path, "file" if proto == "local" else proto, is_file, secrets)
 
 
+ZEUS_OUTPUT_FILES = {MARKER, "similarities.parquet", "result.json"}
+
+
 def _list(root: _Root) -> list[str]:
     if root.is_file:
         return [root.path]
@@ -89,7 +93,13 @@ def _list(root: _Root) -> list[str]:
         raise ZeusError(f"{root.flag} {_redact(root.given, root.secrets)}: cannot list "
                         f"({_redact(_cause(e, root.proto), root.secrets)})") from None
     # Hidden entries below the root: .DS_Store, macOS '._x.svs' forks, .snapshot folders.
-    return sorted(p for p in found if not any(c.startswith(".") for c in root.rel(p).split("/")))
+    found = [p for p in found if not any(c.startswith(".") for c in root.rel(p).split("/"))]
+    # zeus's own outputs (an output root inside the scanned folder): a result folder's viewer TIFFs
+    # (mask.tiff, prob_*.tiff) are not slides. Such a folder holds the files zeus writes first and last.
+    ours = {posixpath.dirname(p) for p in found if posixpath.basename(p) in ZEUS_OUTPUT_FILES}
+    if ours:
+        log.info("%d zeus output folders ignored", len(ours))
+    return sorted(p for p in found if posixpath.dirname(p) not in ours)
 
 
 def _ext(name: str, exts) -> str | None:

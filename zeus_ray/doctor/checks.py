@@ -36,6 +36,7 @@ class Context:
     entries: list | None = None             # SlideEntry list once the cohort loads
     sizes: dict[str, int | None] = field(default_factory=dict)   # existing slide uri → bytes
     mpp0: dict[str, float] = field(default_factory=dict)         # sampled slide id → level-0 µm/px
+    dims: dict[str, tuple[int, int]] = field(default_factory=dict)   # sampled slide id → level-0 (w, h) px
     weight_roles: set[str] | None = None    # roles located beside the weights (tokenizer check)
     tumour_class: str | None = None         # the prompt set's, which annotations count as tumour too
 
@@ -159,6 +160,7 @@ def _open_one(ctx: Context, e) -> Line:
         what = f"slide {e.slide_id}: opens ({slide.dimensions[0]} × {slide.dimensions[1]} px, {slide.level_count} levels)"
         mpp, source = resolve_mpp(slide, e.slide_id, override=e.mpp, default=ctx.cfg.input.default_mpp)
         ctx.mpp0[e.slide_id] = mpp
+        ctx.dims[e.slide_id] = tuple(slide.dimensions)
         if source == "input.default_mpp":
             return WARN, f"{what}, no usable µm/px in its metadata: input.default_mpp={mpp:g} µm/px will be used"
         if source == "objective-power":
@@ -186,6 +188,20 @@ def check_sample_slides(ctx: Context) -> list[Line]:
         return list(pool.map(one, chosen))
 
 
+def _outside(ann, dims) -> str | None:
+    """Why a polygon annotation cannot belong to its slide: every region lies outside the slide's
+    level-0 extent (coordinates of another level, in µm, or another slide's file); else None."""
+    if ann.geometry is None or ann.geometry.is_empty or dims is None:
+        return None
+    from shapely.geometry import box
+    w, h = dims
+    if ann.geometry.intersects(box(0, 0, w, h)):
+        return None
+    x0, y0, x1, y1 = (round(v) for v in ann.geometry.bounds)
+    return (f"lies wholly outside the slide: its regions span x {x0}..{x1}, y {y0}..{y1} px, the slide is {w} × {h} "
+            "level-0 px; check that the file belongs to this slide and that its coordinates are level-0 pixels")
+
+
 def check_annotations(ctx: Context) -> list[Line]:
     from ..truth.annotations import read_with_settings
     ev = ctx.cfg.evaluation.model_dump()
@@ -202,7 +218,10 @@ def check_annotations(ctx: Context) -> list[Line]:
         empty = ann.mask is not None and not ann.mask.any() or ann.mask is None and (
             ann.geometry is None or ann.geometry.is_empty)
         classes = ", ".join(ann.classes) or "unclassified"
-        if empty:
+        outside = _outside(ann, ctx.dims.get(e.slide_id))
+        if outside:
+            lines.append((FAIL, f"annotation of slide {e.slide_id}: {outside}"))
+        elif empty:
             lines.append((WARN, f"annotation of slide {e.slide_id}: no region counts as tumour (classes in the file: "
                                 f"{classes}); name them in evaluation.tumour_classes or evaluation.tumour_terms"))
         else:

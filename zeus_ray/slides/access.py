@@ -198,6 +198,11 @@ def open_slide_file(uri: str, slide_id: str, cache_cfg: CacheConfig | None = Non
     path = localise(uri, cache_cfg, slide_id, storage_options)
     if os.path.isdir(path):
         path = _dicom_file(path, slide_id)
+    data = os.path.splitext(path)[0]
+    if path.lower().endswith(".mrxs") and _protocol(uri) in _LOCAL_PROTOCOLS and not os.path.isdir(data):
+        raise SlideError(slide_id, f"{_redact(uri)}: an MRXS slide needs its data folder {os.path.basename(data)}/ "
+                         "(Slidedat.ini, Data*.dat) beside the .mrxs file, and it is missing; copy the folder "
+                         "with the slide", reason="missing")
     try:
         return openslide.OpenSlide(path), path
     except openslide.OpenSlideUnsupportedFormatError:

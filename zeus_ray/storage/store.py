@@ -58,6 +58,7 @@ class OutputStore:
         `storage_options`: the config's output.storage_options (flat, or per protocol)."""
         if isinstance(root, OutputStore):
             root, storage_options = root.root_uri, root.storage_options
+        root = os.fspath(root)
         from .remote import filesystem
         self.root_uri = root
         self.storage_options = dict(storage_options or {})
