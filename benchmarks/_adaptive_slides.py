@@ -1,5 +1,5 @@
 """The slides of the adaptive-overlap study (bench_adaptive.py): the two real H&E slides of
-../shared/data/slides and synthetic 20x slides with lesions of several shapes and sizes, written once
+tests/data/slides and synthetic 20x slides with lesions of several shapes and sizes, written once
 under benchmarks/_work/adaptive/slides (named by a hash of their spec)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from shapely.geometry import Point, Polygon
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work" / "adaptive"
-SLIDES = ROOT.parent / "shared" / "data" / "slides"
+SLIDES = ROOT / "tests" / "data" / "slides"
 SYN_MPP = 0.5          # 20x synthetic slides, read at level 1 (downsample 2 = 10x)
 SYN_VERSION = 1        # bump when the cohort below changes
 

@@ -5,7 +5,7 @@ benchmarks/_work/adaptive/); the adaptive mode is then simulated by revealing th
 for the positions it asks for. That is exact: a tile's embedding does not depend on which other
 tiles are encoded.
 
-Slides: the two real H&E slides of ../shared/data/slides (CMU-1-Small-Region.svs;
+Slides: the two real H&E slides of tests/data/slides (CMU-1-Small-Region.svs;
 TCGA-CR-7395-01A-01-TS1.svs with an mpp override of 0.25) and a synthetic 20x cohort
 (_adaptive_slides.py) with lesions of several shapes and sizes (large and small blobs, islands smaller than a tile, a thin
 band, a star, a ring with a hole, a cluster, an excision-sized slide). Encoder: a seeded random-weight

@@ -4,7 +4,7 @@ Each architecture is the real one with random initialisation (CONCH: our CoCa Vi
 KEEP: timm ViT-L/16 at 224 + BERT; PLIP: transformers CLIP ViT-B/32; QuiltNet: open_clip ViT-B-32)
 wrapped in the same TorchEncoder that load_encoder returns, so a timed call is the whole
 `encode_images` path: uint8 tiles → device → resize/crop/normalise → (autocast) forward → L2 norm.
-Input: real 448 × 448 H&E tiles from ../shared/data/slides/CMU-1-Small-Region.svs.
+Input: real 448 × 448 H&E tiles from tests/data/slides/CMU-1-Small-Region.svs.
 
     .venv/bin/python benchmarks/bench_encoders.py [--models conch,keep] [--batches 1,8,32]
         [--dtypes float32,bfloat16] [--budget 570] [--max-call 150] [--write benchmarks/RESULTS.md]
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from zeus_ray.encoders.base import TorchEncoder  # noqa: E402
 from zeus_ray.encoders.registry import MODELS  # noqa: E402
 
-SLIDE = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+SLIDE = ROOT / "tests" / "data" / "slides" / "CMU-1-Small-Region.svs"
 from _results import machine, replace_section  # noqa: E402
 
 SECTION = "## Encoders (issue #3)"

@@ -19,9 +19,9 @@ CORPUS = [
 ]
 
 
-def layout(shared_data: Path, name: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every entry of a layout file in ../shared/data/checkpoint-layouts."""
-    data = json.loads((shared_data / "checkpoint-layouts" / name).read_text())
+def layout(test_data: Path, name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every entry of a layout file in tests/data/checkpoint-layouts."""
+    data = json.loads((test_data / "checkpoint-layouts" / name).read_text())
     return [(e["name"], tuple(e["shape"])) for e in data["entries"]]
 
 

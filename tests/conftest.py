@@ -1,5 +1,5 @@
-"""Shared fixtures: the real test slides in ../shared/data and a real S3 server (moto) on
-127.0.0.1. Stage-specific helpers live in their own test modules."""
+"""Shared fixtures: the real test slides in tests/data (committed, see tests/data/slides/README.md)
+and a real S3 server (moto) on 127.0.0.1. Stage-specific helpers live in their own test modules."""
 from __future__ import annotations
 
 import os
@@ -12,22 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+TEST_DATA = ROOT / "tests" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data. Skips only in a user's clone without it; CI always has it."""
-    if not SHARED_DATA.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"{SHARED_DATA} is missing in CI")
-        pytest.skip(f"{SHARED_DATA} absent (a clone without ../shared): real-slide tests skipped")
-    return SHARED_DATA
+def test_data() -> Path:
+    """tests/data: real slides and checkpoint layouts, part of every clone (nothing to skip)."""
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")
-def slides_dir(shared_data) -> Path:
-    return shared_data / "slides"
+def slides_dir(test_data) -> Path:
+    return test_data / "slides"
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ def _shapes(model):
 
 # --- (a) full-size layouts, on the meta device -------------------------------------------------
 
-def test_conch_full_size_matches_official_layout(shared_data):
-    entries = layout(shared_data, "conch_ViT-B-16.json")
+def test_conch_full_size_matches_official_layout(test_data):
+    entries = layout(test_data, "conch_ViT-B-16.json")
     release = [e for e in entries if not e[0].startswith(CONCH_RELEASE_OMITS)]
     assert len(entries) - len(release) == 315  # the captioning decoder, the only thing we leave out
     with torch.device("meta"):
@@ -46,8 +46,8 @@ def test_conch_full_size_matches_official_layout(shared_data):
     assert len(report.absent_allowed) == 11 and all(k.startswith(CONCH_OPTIONAL_PREFIXES) for k in report.absent_allowed)
 
 
-def test_keep_full_size_matches_official_layout_both_layerscale_names(shared_data):
-    entries = layout(shared_data, "keep.json")
+def test_keep_full_size_matches_official_layout_both_layerscale_names(test_data):
+    entries = layout(test_data, "keep.json")
     with torch.device("meta"):
         model = build_keep()
     assert _shapes(model) == entries

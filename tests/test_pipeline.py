@@ -195,7 +195,7 @@ def test_bad_slides_get_error_rows_and_the_rest_completes(ray_local, slides_dir,
     for noise in ("Token authentication", "core_worker", "Traceback", "EncodeWorker pid", "progress bar",
                   "ERROR", "issue detector"):
         assert noise not in console, (noise, console[-3000:])
-    assert all(ln.startswith(("INFO zeus_ray", "WARNING zeus_ray", "failed: ", "zeus run: "))
+    assert all(ln.startswith(("INFO zeus_ray", "WARNING zeus_ray", "failed: ", "annotation classes of ", "zeus run: "))
                for ln in console.strip().splitlines()), console[-3000:]
     errors = pd.read_csv(next(out.glob("cohort/*/errors.csv"))).set_index("slide_id")
     assert sorted(errors.index) == ["broken", "missing", "tcga-nompp", "unreadable"]

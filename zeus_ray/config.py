@@ -178,6 +178,8 @@ class OutputConfig(_Section):
     preview_px: int = Field(1024, ge=64, description="long side of the slide previews (overlay.jpg, heat-maps), px")
     heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.jpg and heatmap_prob_<tumour>.jpg per slide")
     tiling_preview: bool = Field(False, description="also write the annotated tiling thumbnail (tiles/…/thumbnail.png), as `zeus tiles` does")
+    # exclude: never in run.json (it lives in the output root it opens) nor in any dump or log
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, description="fsspec options for every read and write of a bucket output.root, e.g. {client_kwargs: {endpoint_url: 'http://minio:9000'}} for an S3-compatible store, {profile: name}; {s3: {...}, gs: {...}} gives them per protocol (docs/buckets.md). Never written to run.json; `zeus evaluate/reprompt/report` take them with --set output.storage_options.KEY=VALUE")
 
 
 class CacheConfig(_Section):
@@ -328,6 +330,16 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
                 raise ConfigError(f"--set {pair!r}: {p} is both a value and a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return out
+
+
+def output_storage_options(overrides: list[str] | None) -> dict[str, Any]:
+    """output.storage_options given as `--set output.storage_options.KEY=VALUE` to the commands that
+    open an existing output root (they are never stored with the run)."""
+    opts = (parse_overrides(overrides).get("output") or {}).get("storage_options") or {}
+    if not isinstance(opts, dict):
+        raise ConfigError("--set output.storage_options: expected KEY=VALUE pairs, e.g. "
+                          "--set output.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9000")
+    return opts
 
 
 def _merge(base: dict, over: dict) -> dict:

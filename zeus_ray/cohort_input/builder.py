@@ -23,9 +23,10 @@ from pathlib import Path
 
 
 from ..errors import ZeusError
+from ..storage.store import MARKER
 from .manifest import SLIDE_SUFFIXES
 from .rules import ANNOTATION_EXTS, assign_ids, field_rules, safe_slide_id, strip_convention
-from ..storage import inputs
+from ..storage import remote
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,14 @@ class _Root:
 
 
 def _open_root(uri: str, flag: str, options: dict) -> _Root:
-    secrets = inputs.secret_values(options)
-    where = f"{flag} {inputs.redact(uri, secrets)}"
+    secrets = remote.secrets(options)
+    where = f"{flag} {remote.redact(uri, secrets)}"
     try:
-        fs, path = inputs.filesystem(uri, options)   # as `zeus run` opens inputs (endpoint, options per protocol)
+        fs, path = remote.filesystem(uri, options)   # as `zeus run` opens inputs (endpoint, options per protocol)
     except ImportError as e:
         raise ZeusError(f"{where}: {str(e).splitlines()[0]}") from None
     except (ValueError, TypeError) as e:
-        raise ZeusError(inputs.redact(f"{where}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]}); use a "
+        raise ZeusError(remote.redact(f"{where}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]}); use a "
                                 "folder or a bucket prefix (s3://, gs://, ...) and valid --storage-option keys",
                                 secrets)) from None
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -73,23 +74,32 @@ def _open_root(uri: str, flag: str, options: dict) -> _Root:
         is_file = fs.isfile(path)
         exists = is_file or fs.isdir(path)
     except Exception as e:  # noqa: BLE001 - any backend error: one line, no credentials
-        raise ZeusError(f"{where}: cannot list ({inputs.redact(inputs.error_cause(e, proto), secrets)})") from None
+        raise ZeusError(f"{where}: cannot list ({remote.redact(remote.cause(e, proto), secrets)})") from None
     if not exists:
         raise ZeusError(f"{where}: no such folder, bucket prefix or file")
     return _Root(uri, flag, fs, path, "file" if proto == "local" else proto, is_file, secrets)
 
 
+ZEUS_OUTPUT_FILES = {MARKER, "similarities.parquet", "result.json"}
+
+
 def _list(root: _Root) -> list[str]:
     if root.is_file:
         return [root.path]
-    log.info("listing %s", inputs.redact(root.given, root.secrets))
+    log.info("listing %s", remote.redact(root.given, root.secrets))
     try:
         found = root.fs.find(root.path, withdirs=False)
     except Exception as e:  # noqa: BLE001
-        raise ZeusError(f"{root.flag} {inputs.redact(root.given, root.secrets)}: cannot list "
-                        f"({inputs.redact(inputs.error_cause(e, root.proto), root.secrets)})") from None
+        raise ZeusError(f"{root.flag} {remote.redact(root.given, root.secrets)}: cannot list "
+                        f"({remote.redact(remote.cause(e, root.proto), root.secrets)})") from None
     # Hidden entries below the root: .DS_Store, macOS '._x.svs' forks, .snapshot folders.
-    return sorted(p for p in found if not any(c.startswith(".") for c in root.rel(p).split("/")))
+    found = [p for p in found if not any(c.startswith(".") for c in root.rel(p).split("/"))]
+    # zeus's own outputs (an output root inside the scanned folder): a result folder's viewer TIFFs
+    # (mask.tiff, prob_*.tiff) are not slides. Such a folder holds the files zeus writes first and last.
+    ours = {posixpath.dirname(p) for p in found if posixpath.basename(p) in ZEUS_OUTPUT_FILES}
+    if ours:
+        log.info("%d zeus output folders ignored", len(ours))
+    return sorted(p for p in found if posixpath.dirname(p) not in ours)
 
 
 def _ext(name: str, exts) -> str | None:
@@ -292,7 +302,7 @@ def build_manifest(sources: list[str], annotations: list[str] | None = None, dat
     build = ManifestBuild([], bool(ann_roots))
     slides, consumed = _find_slides(slide_roots, ann_roots, listings, build)
     if not slides:
-        raise ZeusError(f"SOURCE {', '.join(map(inputs.redact, sources))}: no slide found (looked for "
+        raise ZeusError(f"SOURCE {', '.join(map(remote.redact, sources))}: no slide found (looked for "
                         f"{' '.join(SLIDE_SUFFIXES)} and folders of .dcm files, recursively)")
     build.duplicates = assign_ids(slides)
     build.renamed = sorted({(s.stem, safe_slide_id(s.stem)) for s in slides if safe_slide_id(s.stem) != s.stem})
@@ -327,22 +337,22 @@ def build_manifest(sources: list[str], annotations: list[str] | None = None, dat
 
 def _out_fs(out: str, options: dict):
     try:
-        return inputs.filesystem(out, options)
+        return remote.filesystem(out, options)
     except (ImportError, ValueError, TypeError) as e:
-        raise ZeusError(inputs.redact(f"--out {out}: cannot open ({str(e).splitlines()[0]})", inputs.secret_values(options))) from None
+        raise ZeusError(remote.redact(f"--out {out}: cannot open ({str(e).splitlines()[0]})", remote.secrets(options))) from None
 
 
 def check_output(out: str, force: bool, options: dict | None = None) -> None:
     """Refuse to overwrite an existing manifest without --force (checked before the scan)."""
     if not out.lower().endswith((".csv", ".parquet")):
-        raise ZeusError(f"--out {inputs.redact(out)}: name it *.csv (or *.parquet), the formats `zeus run` reads")
+        raise ZeusError(f"--out {remote.redact(out)}: name it *.csv (or *.parquet), the formats `zeus run` reads")
     fs, path = _out_fs(out, options or {})
     try:
         exists = fs.exists(path)
     except Exception as e:  # noqa: BLE001
-        raise ZeusError(inputs.redact(f"--out {out}: cannot check it ({inputs.error_cause(e)})", inputs.secret_values(options))) from None
+        raise ZeusError(remote.redact(f"--out {out}: cannot check it ({remote.cause(e)})", remote.secrets(options))) from None
     if exists and not force:
-        raise ZeusError(f"--out {inputs.redact(out)} already exists; pass --force to overwrite it")
+        raise ZeusError(f"--out {remote.redact(out)} already exists; pass --force to overwrite it")
 
 
 def manifest_bytes(rows: list[dict], parquet: bool = False) -> bytes:
@@ -379,5 +389,5 @@ def write_manifest(build: ManifestBuild, out: str, force: bool = False, options:
     try:
         fs.pipe_file(path, data)
     except Exception as e:  # noqa: BLE001
-        raise ZeusError(inputs.redact(f"--out {out}: cannot write ({inputs.error_cause(e, proto)})", inputs.secret_values(options))) from None
+        raise ZeusError(remote.redact(f"--out {out}: cannot write ({remote.cause(e, proto)})", remote.secrets(options))) from None
     return fs.unstrip_protocol(path)

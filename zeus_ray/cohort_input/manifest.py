@@ -1,7 +1,7 @@
 """Cohort manifest: CSV/Parquet with `slide_id, uri` (+ optional `annotation_uri, dataset,
 center, mpp`), or a glob over a folder or bucket. Relative URIs resolve against the manifest's
 folder so that a cohort folder can be moved or uploaded as a whole. Remote reads use the config's
-`input.storage_options` (e.g. `{anon: true}` for a public bucket) through `storage.inputs.filesystem`,
+`input.storage_options` (e.g. `{anon: true}` for a public bucket) through `storage.remote.filesystem`,
 as the slide and annotation reads do."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..config import InputConfig
 from ..errors import ConfigError, ZeusError
-from ..storage import inputs
+from ..storage import remote
 from ..storage.store import check_slide_id
 
 REQUIRED = ("slide_id", "uri")
@@ -56,19 +56,19 @@ def _clean(value):
 def _remote_error(what: str, uri: str, e: Exception, storage_options: dict | None) -> ConfigError:
     """One line naming the input and why the backend refused, without credentials."""
     opts = storage_options or {}
-    anon = opts.get("anon") or (opts.get(inputs.protocol(uri)) or {}).get("anon")
+    anon = opts.get("anon") or (opts.get(remote.protocol(uri)) or {}).get("anon")
     refused = isinstance(e, PermissionError) or "credential" in type(e).__name__.lower()
-    return ConfigError(f"{what} {inputs.redact(uri)}: {inputs.redact(inputs.error_cause(e, inputs.protocol(uri)), inputs.secret_values(storage_options))}"
+    return ConfigError(f"{what} {remote.redact(uri)}: {remote.redact(remote.cause(e, remote.protocol(uri)), remote.secrets(storage_options))}"
                        + (" (a public bucket needs input.storage_options {anon: true})" if refused and not anon else ""))
 
 
 def read_manifest(uri: str, storage_options: dict | None = None) -> list[SlideEntry]:
     try:
-        fs, path = inputs.filesystem(uri, storage_options)
+        fs, path = remote.filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"input.manifest {inputs.redact(uri)}: file not found") from None
+        raise ConfigError(f"input.manifest {remote.redact(uri)}: file not found") from None
     except Exception as e:  # noqa: BLE001 - access, network: one line, no credentials
         raise _remote_error("input.manifest", uri, e, storage_options) from None
     try:
@@ -111,7 +111,7 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> list[SlideEn
 
 def glob_slides(pattern: str, storage_options: dict | None = None) -> list[SlideEntry]:
     try:
-        fs, path = inputs.filesystem(pattern, storage_options)
+        fs, path = remote.filesystem(pattern, storage_options)
         paths = fs.glob(path)
     except Exception as e:  # noqa: BLE001 - access, network: one line, no credentials
         raise _remote_error("input.glob", pattern, e, storage_options) from None

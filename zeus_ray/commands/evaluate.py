@@ -23,6 +23,8 @@ def _run(args) -> int:
     s = evaluate_results(args.results, args.prompt_key, args.annotations, args.overrides, report=not args.no_report)
     for sid, msg in s.errors_list:
         print(f"no metrics for {sid}: {msg}")
+    for line in s.class_lines:
+        print(line)
     print(s.line())
     print(s.table1_md.rstrip() if s.table1_md else "no slide has a Dice: no cohort tables")
     return 1 if s.errors else 0

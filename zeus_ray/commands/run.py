@@ -22,5 +22,8 @@ def _run(args) -> int:
     for row in summary.rows:
         if row["status"] == "failed":
             print(f"failed: {row['error']}")
+    from ..results.class_decision import decision_lines   # from the result rows, not the workers' logs
+    for line in decision_lines(summary.rows):
+        print(line)
     print(summary.line(), flush=True)
     return 1 if summary.failed else 0

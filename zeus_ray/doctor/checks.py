@@ -65,18 +65,18 @@ def check_cohort(ctx: Context) -> list[Line]:
 
 def _stat(uri: str, options: dict) -> tuple[bool, int | None, str | None]:
     """(exists, size, error) for a local path or any fsspec URI; never raises."""
-    from ..storage import inputs
+    from ..storage import remote
     if not _is_remote(uri):
-        path = inputs.local_path(uri)
+        path = remote.local_path(uri)
         return os.path.exists(path), (os.path.getsize(path) if os.path.isfile(path) else None), None
     try:
-        fs, path = inputs.filesystem(uri, options)
+        fs, path = remote.filesystem(uri, options)
         info = fs.info(path)
         return True, info.get("size") if info.get("type") != "directory" else None, None
     except FileNotFoundError:
         return False, None, None
     except Exception as e:  # noqa: BLE001 - credentials, endpoint: reported, not raised
-        return False, None, inputs.error_cause(e, uri.split("://", 1)[0])
+        return False, None, remote.cause(e, uri.split("://", 1)[0])
 
 
 def _exist_lines(what: str, items: list[tuple[str, str]], results: list) -> list[Line]:
@@ -130,6 +130,7 @@ def _open_one(ctx: Context, e) -> Line:
         what = f"slide {e.slide_id}: opens ({slide.dimensions[0]} × {slide.dimensions[1]} px, {slide.level_count} levels)"
         mpp, source = resolve_mpp(slide, e.slide_id, override=e.mpp, default=ctx.cfg.input.default_mpp)
         ctx.mpp0[e.slide_id] = mpp
+        ctx.dims[e.slide_id] = tuple(slide.dimensions)
         if source == "input.default_mpp":
             return WARN, f"{what}, no usable µm/px in its metadata: input.default_mpp={mpp:g} µm/px will be used"
         if source == "objective-power":
@@ -157,6 +158,20 @@ def check_sample_slides(ctx: Context) -> list[Line]:
         return list(pool.map(one, chosen))
 
 
+def _outside(ann, dims) -> str | None:
+    """Why a polygon annotation cannot belong to its slide: every region lies outside the slide's
+    level-0 extent (coordinates of another level, in µm, or another slide's file); else None."""
+    if ann.geometry is None or ann.geometry.is_empty or dims is None:
+        return None
+    from shapely.geometry import box
+    w, h = dims
+    if ann.geometry.intersects(box(0, 0, w, h)):
+        return None
+    x0, y0, x1, y1 = (round(v) for v in ann.geometry.bounds)
+    return (f"lies wholly outside the slide: its regions span x {x0}..{x1}, y {y0}..{y1} px, the slide is {w} × {h} "
+            "level-0 px; check that the file belongs to this slide and that its coordinates are level-0 pixels")
+
+
 def check_annotations(ctx: Context) -> list[Line]:
     from ..truth.annotations import read_with_settings
     ev = ctx.cfg.evaluation.model_dump()
@@ -173,7 +188,10 @@ def check_annotations(ctx: Context) -> list[Line]:
         empty = ann.mask is not None and not ann.mask.any() or ann.mask is None and (
             ann.geometry is None or ann.geometry.is_empty)
         classes = ", ".join(ann.classes) or "unclassified"
-        if empty:
+        outside = _outside(ann, ctx.dims.get(e.slide_id))
+        if outside:
+            lines.append((FAIL, f"annotation of slide {e.slide_id}: {outside}"))
+        elif empty:
             lines.append((WARN, f"annotation of slide {e.slide_id}: no region counts as tumour (classes in the file: "
                                 f"{classes}); name them in evaluation.tumour_classes or evaluation.tumour_terms"))
         else:
@@ -187,7 +205,7 @@ def check_output(ctx: Context) -> list[Line]:
     from ..storage.store import OutputStore
     root = ctx.cfg.output.root
     try:
-        store = OutputStore(root)
+        store = OutputStore(root, ctx.cfg.output.storage_options)
         probe = store.path(f".zeus-doctor-{uuid.uuid4().hex[:8]}")
         created = []
         if store.local:   # remember which folders the probe creates, to remove them again

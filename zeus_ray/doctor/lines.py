@@ -18,6 +18,7 @@ class Context:
     entries: list | None = None             # SlideEntry list once the cohort loads
     sizes: dict[str, int | None] = field(default_factory=dict)   # existing slide uri → bytes
     mpp0: dict[str, float] = field(default_factory=dict)         # sampled slide id → level-0 µm/px
+    dims: dict[str, tuple[int, int]] = field(default_factory=dict)   # sampled slide id → level-0 (w, h) px
     weight_roles: set[str] | None = None    # roles located beside the weights (tokenizer check)
     tumour_class: str | None = None         # the prompt set's, which annotations count as tumour too
 
@@ -26,8 +27,8 @@ class Context:
 
 
 def redact(text: str) -> str:
-    from ..storage import inputs
-    return inputs.redact(text)
+    from ..storage import remote
+    return remote.redact(text)
 
 
 def first_line(err: BaseException) -> str:

@@ -1,7 +1,7 @@
 """CONCH (Lu et al., 2024; a CoCa model) defined here so that the official checkpoint loads strictly.
 
 Our own modules whose `state_dict` names and shapes equal the official layout
-(`../shared/data/checkpoint-layouts/conch_ViT-B-16.json`), minus the captioning decoder:
+(`tests/data/checkpoint-layouts/conch_ViT-B-16.json`), minus the captioning decoder:
 - `visual.trunk`: timm ViT-B/16 at 448 px (dynamic image size), final LayerNorm, all tokens out;
 - `visual.attn_pool_contrast`: CoCa attentional pooler, 1 learned query (512) cross-attending over
   the trunk tokens (8 heads) → `visual.ln_contrast` → `@ visual.proj_contrast` (512×512);

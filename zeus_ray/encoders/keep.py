@@ -1,7 +1,7 @@
 """KEEP (Zhou et al., 2024) defined here so that the official checkpoint loads strictly, without the
 hub's remote code (`trust_remote_code` stays off).
 
-Layout (`../shared/data/checkpoint-layouts/keep.json`): `visual` = timm `vit_large_patch16_224`
+Layout (`tests/data/checkpoint-layouts/keep.json`): `visual` = timm `vit_large_patch16_224`
 (LayerScale init 1e-5, no classifier, dynamic image size, CLS-token output after the final norm);
 `visual_head` = Linear(1024→768), GELU, Linear(768→768); `text` = transformers BertModel with
 pooler (PubMedBERT-base sizes, from the published config.json); `logit_scale` (not applied).

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ZeusError
-from ..storage.keys import FAILED, NO_TISSUE, OK, cohort_keys, run_key, tiling_key
+from ..storage.keys import FAILED, NO_TISSUE, OK, run_key, tiling_key
+from ..slides.slide_keys import cohort_keys
 from ..cohort_input.manifest import load_cohort
 from ..prompts import load_prompt_set, prompt_key as make_prompt_key
 from ..storage.store import OutputStore
@@ -64,22 +65,25 @@ class RunSummary:
                 f"({rate:.1f} tiles/s){adaptive}; results in {self.root}")
 
 
-def run_cohort(cfg, *, progress: bool = True, reprompt: bool = False) -> RunSummary:
+def run_cohort(cfg, *, progress: bool = True, reprompt: bool = False, recorded: dict | None = None) -> RunSummary:
     """Segment the cohort. With `reprompt` in full-overlap mode, only stored embeddings are used: no
     slide is opened and no image encoded; a slide without stored embeddings for this tiling and
-    model is reported as failed with a hint to run `zeus run` first."""
+    model keeps the outcome `recorded` (slide_id → row of the earlier run) gives it when that was a
+    failure or no tissue (row["recorded"] = True), else is reported as failed with a hint to run
+    `zeus run` first."""
     import ray
 
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)
     entries = load_cohort(cfg.input)
     prompt_set = load_prompt_set(cfg.prompts.file)
-    store = OutputStore(cfg.output.root)
+    store = OutputStore(cfg.output.root, cfg.output.storage_options)
+    store.check_reachable()
     t1 = time.perf_counter()
     started = init_ray(cfg)
     phases = {"inputs": round(t1 - t0, 3), "ray_start": round(time.perf_counter() - t1, 3)}
     try:
-        return _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases)
+        return _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases, recorded or {})
     finally:
         if started:
             ray.shutdown()
@@ -102,10 +106,10 @@ def _actor_error(e: BaseException) -> str:
     return f"cannot build the encoder: {lines[-1] if lines else type(e).__name__}"
 
 
-def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases) -> RunSummary:
+def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases, recorded) -> RunSummary:
     stored_only = reprompt and cfg.tiling.mode == "full"
     plan = PoolPlan(False, 0, 0, 0, 1, 1, n_readers=_cpus()) if stored_only else pool_plan(cfg)
-    pool = Pool(plan, cfg, store.root_uri)
+    pool = Pool(plan, cfg, store)   # the store travels with its storage options
     t1 = time.perf_counter()
     try:
         if progress and plan.n_workers:
@@ -119,8 +123,7 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases) -> Run
         tkey = tiling_key(cfg)
         summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=plan.describe())
         # The slide file's identity is part of its keys: a replaced file is planned and encoded anew.
-        sources, keys_of = cohort_keys(store, entries, tkey, model_key, pkey,
-                                       getattr(cfg.input, "storage_options", None), stored_only)
+        sources, keys_of = cohort_keys(store, entries, cfg, tkey, model_key, pkey, stored_only)
         with ThreadPoolExecutor(16) as ex:   # bucket reads overlap
             marks = list(ex.map(lambda e: (store.complete(keys_of[e.slide_id].res_dir),
                                            store.complete(keys_of[e.slide_id].emb_dir)), entries))
@@ -134,6 +137,9 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases) -> Run
                 to_plan.append(e)
             elif emb_done is not None and emb_done.get("source") == src:
                 to_reduce.append(e)
+            elif reprompt and (recorded.get(e.slide_id) or {}).get("status") in (FAILED, NO_TISSUE):
+                was = {k: v if isinstance(v, str) else None for k, v in recorded[e.slide_id].items()}   # NaN: none
+                summary.rows.append(status_row(e, was["status"], was["error"], was.get("reason")) | {"recorded": True})
             elif reprompt:
                 summary.rows.append(status_row(e, FAILED, f"slide {e.slide_id!r}: no stored embeddings for this "
                                                           f"tiling and model ({model_key}); run `zeus run` on it first",

@@ -123,13 +123,14 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 
     from ..cohort_input.manifest import load_cohort
     from .cluster import init_ray
-    from ..storage.keys import run_key, stored_keys, tiling_key
+    from ..slides.slide_keys import cohort_keys
+    from ..storage.keys import run_key, tiling_key
     from ..prompts import load_prompt_set, prompt_key
     from ..storage.store import OutputStore
 
     ps = load_prompt_set(cfg.prompts.file)
     entries = [e for e in load_cohort(cfg.input) if e.annotation_uri]
-    store = OutputStore(cfg.output.root)
+    store = OutputStore(cfg.output.root, cfg.output.storage_options)
     started = init_ray(cfg)
     try:
         prompt_emb, model_key = ray.get(ray.remote(_text_task).options(num_cpus=1).remote(cfg.model, ps))
@@ -137,10 +138,10 @@ def run_ablation(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         mats = ray.put(variant_matrices(prompt_emb, vs))
         pkey, tkey = run_key(prompt_key(ps, model_key), cfg), tiling_key(cfg)
         task = ray.remote(_slide_task).options(num_cpus=1)
-        found = {e.slide_id: stored_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey) for e in entries}
-        refs = [task.remote(store.root_uri, found[e.slide_id][0], e.as_dict(), mats, ps.tumour_index,
+        keys = cohort_keys(store, entries, cfg, tkey, model_key, pkey, stored_only=True)[1]
+        refs = [task.remote(store, keys[e.slide_id], e.as_dict(), mats, ps.tumour_index,
                             cfg.evaluation.model_dump(), ps.class_names[ps.tumour_index])
-                for e in entries if found[e.slide_id] is not None]
+                for e in entries if store.complete(keys[e.slide_id].emb_dir) is not None]
         results = ray.get(refs)
     finally:
         if started:

@@ -38,8 +38,17 @@ def write_cohort_outputs(store: OutputStore, summary, cfg, prompt_set) -> str:
     return out
 
 
+# The slides table's leading columns, in this order whatever order the rows' keys came in (a resumed
+# run's rows are stored markers, whose keys are sorted); any other column follows in its own order.
+LEADING_COLUMNS = ("slide_id", "status", "error", "reason", "dataset", "center", "n_tiles", "n_tiles_full",
+                   "tissue_area_mm2", "tumour_area_mm2", "mask_mpp", "results_uri", "model_key", "prompt_key",
+                   "tiling_key", "source")
+
+
 def write_slide_tables(store: OutputStore, out: str, df: pd.DataFrame, model_id: str) -> pd.DataFrame:
     """slides.csv/.parquet, errors.csv/.parquet and Table 1/2 under `out` (also used by zeus evaluate)."""
+    lead = [c for c in LEADING_COLUMNS if c in df]
+    df = df[lead + [c for c in df.columns if c not in lead]]
     df = df.sort_values("slide_id").reset_index(drop=True)
     for col in ("dataset", "center", "error", "reason"):
         if col in df:
@@ -58,9 +67,9 @@ def _write_tables(store: OutputStore, out: str, df: pd.DataFrame, model_id: str)
     if "dice" not in df or df["dice"].notna().sum() == 0:
         for stale in (f"{out}/{t}.{ext}" for t in ("table1", "table2") for ext in ("csv", "parquet", "md")):
             if store.exists(stale):   # an earlier evaluation's tables no longer hold
-                store.fs.rm(stale)
+                store.rm(stale)
         return
     from ..truth.metrics import cohort_tables, write_tables
     ok = df[df["status"] == "ok"].copy()
     ok["model"] = model_id
-    write_tables(cohort_tables(ok), store.uri(out))
+    write_tables(cohort_tables(ok), out, store=store)

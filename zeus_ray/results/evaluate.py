@@ -22,14 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pandas as pd
 from PIL import Image
 from pydantic import ValidationError
 
-from ..config import EvaluationConfig, mpp_for_magnification, parse_overrides
+from ..config import EvaluationConfig, mpp_for_magnification, output_storage_options, parse_overrides
 from ..errors import AnnotationError, ConfigError, ZeusError
+from ..storage.remote import filesystem
+from .class_decision import CLASS_COLUMNS
 from ..storage.store import MARKER, OutputStore
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ ANNOTATION_EXTS = (".geojson", ".json", ".xml", ".png", ".tif", ".tiff")   # fol
 def cohort_runs(store: OutputStore) -> list[tuple[str, float]]:
     """(prompt key, run.json modification time) of every cohort folder, newest first."""
     runs = []
-    for path in store.fs.glob(store.path("cohort", "*", "run.json")):
-        info = store.fs.info(path)
+    for path in store.glob(store.path("cohort", "*", "run.json")):
+        info = store.info(path)
         t = info.get("mtime") or info.get("LastModified") or info.get("updated") or 0
         t = t.timestamp() if hasattr(t, "timestamp") else float(t)
         runs.append((posixpath.basename(posixpath.dirname(path)), t))
@@ -73,10 +74,11 @@ def resolve_prompt_key(store: OutputStore, prompt_key: str | None = None) -> str
 
 def evaluation_settings(run: dict, overrides: list[str] | None) -> dict:
     """The run's evaluation section with `--set evaluation.key=value` overrides, validated."""
-    other = [p for p in overrides or [] if not p.strip().startswith("evaluation.")]
+    other = [p for p in overrides or [] if not p.strip().startswith(("evaluation.", "output.storage_options."))]
     if other:
         raise ConfigError(f"--set {other[0]!r}: zeus evaluate takes only evaluation.<key>=value "
-                          "(e.g. --set evaluation.tumour_classes=[Tumor]); other settings need a new `zeus run`")
+                          "(e.g. --set evaluation.tumour_classes=[Tumor]) and output.storage_options.<key>=value; "
+                          "other settings need a new `zeus run`")
     over = parse_overrides(overrides)
     base = dict((run.get("config") or {}).get("evaluation") or {})
     try:
@@ -93,9 +95,9 @@ def _join(base: str, uri: str) -> str:
     return posixpath.join(base, uri) if "://" in base else str(Path(base) / uri)
 
 
-def _table_lookup(uri: str) -> dict[str, str]:
+def _table_lookup(fs, path: str, uri: str) -> dict[str, str]:
     try:
-        with fsspec.open(uri, "rb") as f:
+        with fs.open(path, "rb") as f:
             df = pd.read_parquet(f) if uri.endswith(".parquet") else pd.read_csv(f, dtype=str)
     except Exception as e:  # noqa: BLE001 - any parser/backend error: one line naming the file
         raise ConfigError(f"--annotations {uri}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -130,22 +132,24 @@ def _rank(p: str) -> int:
 
 def annotation_lookup(run: dict, annotations: str | None) -> tuple[dict[str, str], str]:
     """slide_id → annotation URI, and where they came from (for messages and run.json)."""
+    inp = (run.get("config") or {}).get("input") or {}
+    opts = inp.get("storage_options")   # the run's input options (credentials come from the environment)
     if annotations is None:
-        manifest = ((run.get("config") or {}).get("input") or {}).get("manifest")
+        manifest = inp.get("manifest")
         if not manifest:
             return {}, "none (the run listed slides with input.glob; give --annotations)"
         from ..cohort_input.manifest import read_manifest
         try:
-            entries = read_manifest(manifest)
+            entries = read_manifest(manifest, opts)
         except ConfigError as e:
             raise ConfigError(f"{e} (the run's manifest, from run.json, gives the annotations: run from the folder "
                               "the run started in, or give --annotations MANIFEST_OR_DIR)") from None
         return {e.slide_id: e.annotation_uri for e in entries if e.annotation_uri}, f"manifest {manifest}"
-    fs, path = fsspec.core.url_to_fs(annotations)
+    fs, path = filesystem(annotations, opts)
     if fs.isdir(path):
         return _folder_lookup(fs, path, annotations), f"folder {annotations}"
     if fs.exists(path):
-        return _table_lookup(annotations), f"manifest {annotations}"
+        return _table_lookup(fs, path, annotations), f"manifest {annotations}"
     raise ConfigError(f"--annotations {annotations}: not found; give a manifest (CSV/Parquet with slide_id, "
                       "annotation_uri) or a folder of <slide_id>.geojson/.xml/.png files")
 
@@ -159,7 +163,7 @@ def _load_grid(store: OutputStore, res: str, tumour_class: str | None):
     with np.load(io.BytesIO(store.read_bytes(f"{res}/maps.npz"))) as z:
         tissue, cell_um, cell0 = z["tissue"].astype(bool), float(z["cell_um"]), float(z["cell0"])
         origin0 = tuple(float(v) for v in z["origin0"]) if "origin0" in z.files else (0.0, 0.0)
-    names = store.fs.ls(res, detail=False)
+    names = store.ls(res)
     masks = [p for p in names if re.search(r"/mask_[\d.]+mpp\.png$", p)]
     labels = [p for p in names if re.search(r"/labels_[\d.]+mpp\.png$", p)]
     if not masks or not labels:
@@ -182,7 +186,7 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
     from .slide_outputs import evaluate
     sid = row["slide_id"]
     res = store.slide_dir(sid, "results", str(row["tiling_key"]), prompt_key)
-    upd: dict = {k: None for k in METRIC_COLUMNS} | {"annotation_error": None}
+    upd: dict = {k: None for k in (*METRIC_COLUMNS, *CLASS_COLUMNS)} | {"annotation_error": None}
     done = store.complete(res)
     if done is None:
         return upd | {"annotation_error": f"slide {sid!r}: results folder {store.uri(res)} has no {MARKER}; "
@@ -210,7 +214,7 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
                 m, truth = evaluate(annotation_uri, argmax, tissue, cell0=cell0, cell_um=cell_um, mpp0=mpp0,
                                     evaluation=evaluation, tumour_class_name=tumour_class_name, post=post,
                                     storage_options=storage_options, origin0=origin0)
-            upd.update({k: m[k] for k in METRIC_COLUMNS})
+            upd.update({k: m[k] for k in (*METRIC_COLUMNS, *CLASS_COLUMNS)})
             store.write_json(f"{res}/metrics.json", m)
         except AnnotationError as e:
             log.warning("slide %s: %s", sid, e)
@@ -219,7 +223,7 @@ def evaluate_slide(store: OutputStore, row: dict, prompt_key: str, annotation_ur
             log.exception("slide %s: evaluation failed", sid)
             upd["annotation_error"] = f"slide {sid!r}: evaluation failed ({type(e).__name__}: {e})"
     if upd["dice"] is None and store.exists(f"{res}/metrics.json"):
-        store.fs.rm(f"{res}/metrics.json")   # no stale metrics beside a slide that has none now
+        store.rm(f"{res}/metrics.json")   # no stale metrics beside a slide that has none now
     from .slide_outputs import draw_overlay
     if tumour.shape != tissue.shape:   # the overlay is drawn on cells: the canvas mask at cell centres
         from ..maps.rasterise import resample_nearest
@@ -247,6 +251,7 @@ class EvaluateSummary:
     seconds: float = 0.0
     table1_md: str = ""
     errors_list: list = field(default_factory=list)   # (slide_id, why it has no metrics)
+    class_lines: list = field(default_factory=list)   # class_decision.decision_lines of the evaluated slides
 
     def line(self) -> str:
         return (f"zeus evaluate: {self.evaluated} slides evaluated, {self.errors} with annotation errors, "
@@ -258,7 +263,7 @@ def evaluate_results(root: str, prompt_key: str | None = None, annotations: str 
                      overrides: list[str] | None = None, workers: int = 4, report: bool = True) -> EvaluateSummary:
     from .cohort_tables import write_slide_tables
     t0 = time.perf_counter()
-    store = OutputStore(root)
+    store = OutputStore(root, output_storage_options(overrides))
     pk = resolve_prompt_key(store, prompt_key)
     out = store.cohort_dir(pk)
     run = store.read_json(f"{out}/run.json")
@@ -293,13 +298,16 @@ def evaluate_results(root: str, prompt_key: str | None = None, annotations: str 
     summary.not_ok = len(rows) - len(ok)
     for r in rows:
         if r.get("status") != "ok":   # no results: no metrics
-            r.update({k: None for k in METRIC_COLUMNS} | {"annotation_error": None})
+            r.update({k: None for k in (*METRIC_COLUMNS, *CLASS_COLUMNS)} | {"annotation_error": None})
 
-    new = pd.DataFrame(rows, columns=list(df.columns) + [c for c in (*METRIC_COLUMNS, "annotation_error")
+    new = pd.DataFrame(rows, columns=list(df.columns) + [c for c in (*METRIC_COLUMNS, *CLASS_COLUMNS, "annotation_error")
                                                          if c not in df.columns])
     for c in METRIC_COLUMNS:
         new[c] = pd.to_numeric(new[c], errors="coerce").astype(float)
-    new["annotation_error"] = new["annotation_error"].astype("string")
+    for c in ("annotation_error", *CLASS_COLUMNS):
+        new[c] = new[c].astype("string")
+    from .class_decision import decision_lines
+    summary.class_lines = decision_lines(rows)
     model_id = ((run.get("config") or {}).get("model") or {}).get("id", "model")
     write_slide_tables(store, out, new, model_id)
     summary.seconds = time.perf_counter() - t0

@@ -49,7 +49,7 @@ def similarity_table(slide_id: str, tiles: pa.Table, scores: np.ndarray, class_n
 
 def load_tissue_mask(store: OutputStore, tiles_dir: str) -> tuple[np.ndarray, float]:
     """The tissue mask PNG of the tiles stage and its µm/px (from the file name)."""
-    names = [p for p in store.fs.ls(tiles_dir, detail=False) if re.search(r"tissue_mask_([\d.]+)mpp\.png$", p)]
+    names = [p for p in store.ls(tiles_dir) if re.search(r"tissue_mask_([\d.]+)mpp\.png$", p)]
     if not names:
         raise FileNotFoundError(f"no tissue mask in {tiles_dir}")
     mpp = float(re.search(r"tissue_mask_([\d.]+)mpp\.png$", names[0]).group(1))

@@ -105,6 +105,8 @@ def _settings(run: dict, df: pd.DataFrame) -> list[tuple[str, object]]:
             ("Post-processing", _postprocess_text(run)),
             ("Annotations", evaluated.get("annotations") or "the run's manifest (annotation_uri)"),
             ("Run", run.get("summary"))]
+    from .class_decision import decision_lines   # which annotation classes were the truth
+    rows += [("Annotation classes", line) for line in decision_lines(df.to_dict("records"))]
     if evaluated:
         rows.append(("Last zeus evaluate", f"{evaluated.get('at', '')}: {evaluated.get('summary', '')}"))
     return rows

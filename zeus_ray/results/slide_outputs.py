@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ..truth.annotations import rasterise_annotation, read_with_settings
+from .class_decision import CLASS_COLUMNS, decision_columns
 from ..errors import AnnotationError
 from .export import mask_to_geojson, overlay_png, similarity_heatmap, write_pyramidal_tiff
 from ..truth.metrics import segmentation_metrics
@@ -62,7 +63,7 @@ def _previews(store: OutputStore, *dirs: str) -> list[tuple[float, str]]:
     found = []
     for d in dirs:
         if store.exists(d):
-            found += [(float(m.group(1)), p) for p in store.fs.ls(d, detail=False) if (m := _PREVIEW.search(p))]
+            found += [(float(m.group(1)), p) for p in store.ls(d) if (m := _PREVIEW.search(p))]
     return sorted(found)
 
 
@@ -137,10 +138,20 @@ def metric_truth(annotation_uri: str, cells_shape: tuple[int, int], *, cell0: fl
                  storage_options: dict | None = None, origin0=(0.0, 0.0)) -> tuple[int, np.ndarray]:
     """(f, truth): the ground truth on the metric grid, `f` × finer than the cell grid (default 4:
     28 µm at 112 µm cells), rasterised at the metric cells' centres."""
+    f, truth, _ = _metric_truth(annotation_uri, cells_shape, cell0=cell0, cell_um=cell_um, mpp0=mpp0,
+                                evaluation=evaluation, tumour_class_name=tumour_class_name,
+                                storage_options=storage_options, origin0=origin0)
+    return f, truth
+
+
+def _metric_truth(annotation_uri: str, cells_shape: tuple[int, int], *, cell0: float, cell_um: float, mpp0: float,
+                  evaluation: dict, tumour_class_name: str | None, storage_options: dict | None, origin0=(0.0, 0.0)):
+    """metric_truth, and the annotation's class decision (class_decision.CLASS_COLUMNS)."""
     f = max(1, int(round(cell_um / (evaluation.get("metric_mpp") or cell_um / 4))))
     ann = read_with_settings(annotation_uri, evaluation, mpp0=mpp0, tumour_class_name=tumour_class_name,
                              storage_options=storage_options)
-    return f, rasterise_annotation(ann, (cells_shape[0] * f, cells_shape[1] * f), cell0 / f, origin0)
+    truth = rasterise_annotation(ann, (cells_shape[0] * f, cells_shape[1] * f), cell0 / f, origin0)
+    return f, truth, decision_columns(ann)
 
 
 def metrics_on_grid(tumour: np.ndarray, tissue: np.ndarray, truth: np.ndarray, f: int, cell_um: float,
@@ -165,11 +176,12 @@ def metrics_on_grid(tumour: np.ndarray, tissue: np.ndarray, truth: np.ndarray, f
 def evaluate(annotation_uri: str, tumour: np.ndarray, tissue: np.ndarray, *, cell0: float, cell_um: float,
              mpp0: float, evaluation: dict, tumour_class_name: str | None = None, post: dict | None = None,
              storage_options: dict | None = None, origin0=(0.0, 0.0)) -> tuple[dict, np.ndarray]:
-    """The slide's metrics and its truth on the cell grid (for drawing)."""
-    f, truth = metric_truth(annotation_uri, tumour.shape, cell0=cell0, cell_um=cell_um, mpp0=mpp0,
-                            evaluation=evaluation, tumour_class_name=tumour_class_name, storage_options=storage_options,
-                            origin0=origin0)
-    return metrics_on_grid(tumour, tissue, truth, f, cell_um, post), truth[f // 2::f, f // 2::f]
+    """The slide's metrics (with its class decision, class_decision.CLASS_COLUMNS) and its truth on
+    the cell grid (for drawing)."""
+    f, truth, classes = _metric_truth(annotation_uri, tumour.shape, cell0=cell0, cell_um=cell_um, mpp0=mpp0,
+                                      evaluation=evaluation, tumour_class_name=tumour_class_name,
+                                      storage_options=storage_options, origin0=origin0)
+    return metrics_on_grid(tumour, tissue, truth, f, cell_um, post) | classes, truth[f // 2::f, f // 2::f]
 
 
 def evaluate_canvas(annotation_uri: str, pred: np.ndarray, tissue: np.ndarray, *, px_um: float, mpp0: float,
@@ -183,7 +195,7 @@ def evaluate_canvas(annotation_uri: str, pred: np.ndarray, tissue: np.ndarray, *
     m = segmentation_metrics(pred, truth, tissue, cell_area_mm2=(px_um / 1000.0) ** 2, convention="reference")
     m["metric_mpp"] = px_um
     m["postprocess"] = "reference"
-    return m, truth
+    return m | decision_columns(ann), truth
 
 
 def _canvas_shape(grid, px_um: float) -> tuple[int, int]:
@@ -269,7 +281,7 @@ def write_outputs(store: OutputStore, job: dict, sg, *, maps, counts, labels, pr
                 truth = ("cells", truth_cells, cell_um)
             store.write_json(f"{res}/metrics.json", m)
             out.update({k: m[k] for k in ("dice", "precision", "recall", "iou", "pred_area_mm2",
-                                          "true_area_mm2", "metric_mpp")})
+                                          "true_area_mm2", "metric_mpp", *CLASS_COLUMNS)})
         except AnnotationError as e:   # only this slide's metrics are missing
             log.warning("%s", e)
             out["annotation_error"] = str(e)

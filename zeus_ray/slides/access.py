@@ -24,8 +24,8 @@ from filelock import FileLock, Timeout
 from PIL import UnidentifiedImageError
 
 from ..config import CacheConfig
-from ..storage.inputs import LOCAL_PROTOCOLS, error_cause, filesystem, local_path, redact, secret_values
-from ..storage.inputs import protocol as uri_protocol
+from ..storage.remote import LOCAL_PROTOCOLS, filesystem, local_path, redact
+from ..storage.remote import cause as error_cause, protocol as uri_protocol, secrets as secret_values
 from ..errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,11 @@ def open_slide_file(uri: str, slide_id: str, cache_cfg: CacheConfig | None = Non
     path = localise(uri, cache_cfg, slide_id, storage_options)
     if os.path.isdir(path):
         path = _dicom_file(path, slide_id)
+    data = os.path.splitext(path)[0]
+    if path.lower().endswith(".mrxs") and uri_protocol(uri) in LOCAL_PROTOCOLS and not os.path.isdir(data):
+        raise SlideError(slide_id, f"{redact(uri)}: an MRXS slide needs its data folder {os.path.basename(data)}/ "
+                         "(Slidedat.ini, Data*.dat) beside the .mrxs file, and it is missing; copy the folder "
+                         "with the slide", reason="missing")
     try:
         return openslide.OpenSlide(path), path
     except openslide.OpenSlideUnsupportedFormatError:

@@ -64,10 +64,10 @@ def _tiff_resolution(props) -> str:
 
 
 def resolve_mpp(slide, slide_id: str, override: float | None = None, default: float | None = None,
-                command: str = "run") -> tuple[float, str]:
+                command: str = "run", warn: bool = True) -> tuple[float, str]:
     """Level-0 µm/px of `slide` and where it came from: "override", "metadata", "objective-power"
     or "input.default_mpp". Raises SlideError(reason="no_mpp") when nothing plausible gives it;
-    the message's hint names what `command` ("run" or "tiles") accepts."""
+    the message's hint names what `command` ("run" or "tiles") accepts. `warn`: log the fallbacks."""
     hint = _OVERRIDE_HINTS[command]
     if override is not None:
         mpp = _positive(override)
@@ -102,8 +102,9 @@ def resolve_mpp(slide, slide_id: str, override: float | None = None, default: fl
     if power is not None:
         mpp = mpp_for_magnification(power)
         if plausible_mpp(mpp):
-            log.warning("slide %r: %s; assuming %.4g µm/px from objective power %gx", slide_id,
-                        "; ".join(found), mpp, power)
+            if warn:
+                log.warning("slide %r: %s; assuming %.4g µm/px from objective power %gx", slide_id,
+                            "; ".join(found), mpp, power)
             return mpp, "objective-power"
         found.append(f"objective power {power:g}x ({mpp:.4g} µm/px): not a microscopy resolution")
     else:
@@ -111,7 +112,8 @@ def resolve_mpp(slide, slide_id: str, override: float | None = None, default: fl
 
     what = "; ".join(found)
     if default is not None:
-        log.warning("slide %r: %s; using input.default_mpp %g µm/px", slide_id, what, default)
+        if warn:
+            log.warning("slide %r: %s; using input.default_mpp %g µm/px", slide_id, what, default)
         return float(default), "input.default_mpp"
     raise SlideError(slide_id, f"{what}; {hint}", reason="no_mpp")
 

@@ -8,6 +8,8 @@
 - A slide's per-slide key adds its µm/px override (an override moves every tile) and the identity
   of its file (`source_identity`): a replaced slide file gets new tiles, embeddings and results
   folders, so nothing computed from the old file is ever read for the new one.
+- input.default_mpp is in the key of only the slides that use it (slides/slide_keys.py), so adding or
+  changing that fallback never recomputes a slide with its own µm/px.
 
 Layout under the output root (store.OutputStore):
   slides/<slide_id>/tiles/<key>/              tiles.parquet, tissue mask, preview
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .store import MARKER, OutputStore, safe_component, stable_hash
@@ -46,8 +47,6 @@ def tiling_key(cfg) -> str:
     t = cfg.tiling
     key = {"v": TILING_VERSION, "mpp": t.mpp, "patch": t.patch_size, "stride": t.stride,
            "min_tissue": t.min_tissue_fraction, "tissue": cfg.tissue.model_dump()}
-    if cfg.input.default_mpp is not None:   # moves every tile of the slides that use it
-        key["default_mpp"] = cfg.input.default_mpp
     for k, default in (("anchor", "slide"), ("selection", "fraction"), ("padding", "white")):
         if getattr(t, k) != default:   # at the defaults left out: existing keys stay valid
             key[k] = getattr(t, k)
@@ -66,10 +65,12 @@ def run_key(prompt_key: str, cfg) -> str:
 
 
 def slide_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str, pkey: str,
-               source: str | None) -> Keys:
+               source: str | None, default_mpp: float | None = None) -> Keys:
     """A slide's output folders. `source` is its file's identity (`source_identity`), None only for
-    a slide whose outputs nobody stored (stored_keys)."""
-    skey = stable_hash([tkey, mpp_override, source], 12)
+    a slide whose outputs nobody stored (stored_keys); `default_mpp` the input.default_mpp its tiles
+    use (None for a slide with its own µm/px)."""
+    skey = stable_hash([tkey, mpp_override, source] if default_mpp is None else
+                       [tkey, mpp_override, source, {"default_mpp": default_mpp}], 12)
     return Keys(skey, model_key, pkey, store.slide_dir(slide_id, "tiles", skey),
                 store.slide_dir(slide_id, "embeddings", skey, safe_component(model_key)),
                 store.slide_dir(slide_id, "results", skey, pkey))
@@ -83,43 +84,26 @@ def embeddings_marker(keys: Keys, slide_id: str, source: str | None, info: dict)
 
 
 def stored_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model_key: str,
-                pkey: str) -> tuple[Keys, str | None] | None:
+                pkey: str, default_mpp: float | None = None) -> tuple[Keys, str | None] | None:
     """(keys, source) of the newest complete embeddings of a slide for this tiling and model,
     whatever file they were computed from (re-prompts and ablations read no slide); None if none."""
     found = []
     for marker in store.fs.glob(store.slide_dir(slide_id, "embeddings", "*", safe_component(model_key), MARKER)):
         info = store.complete(marker.rsplit("/", 1)[0]) or {}
-        keys = slide_keys(store, slide_id, mpp_override, tkey, model_key, pkey, info.get("source"))
-        if f"{keys.emb_dir}/{MARKER}" == marker:   # this tiling and override (the key is a hash)
-            found.append((info.get("committed_at") or 0.0, keys, info.get("source")))
+        for d in {None, default_mpp}:   # the slide's own µm/px, or input.default_mpp
+            keys = slide_keys(store, slide_id, mpp_override, tkey, model_key, pkey, info.get("source"), d)
+            if f"{keys.emb_dir}/{MARKER}" == marker:   # this tiling and override (the key is a hash)
+                found.append((info.get("committed_at") or 0.0, keys, info.get("source")))
     return max(found, key=lambda f: f[0])[1:] if found else None
-
-
-def cohort_keys(store: OutputStore, entries, tkey: str, model_key: str, pkey: str, storage_options=None,
-                stored_only: bool = False) -> tuple[dict, dict]:
-    """({slide id: source identity}, {slide id: Keys}) of the cohort's slides (manifest entries).
-    Each slide file is stat'ed (16 at once: bucket round trips overlap); with `stored_only` none is:
-    the newest stored embeddings are used (source None and fresh keys where nothing is stored)."""
-    def one(e):
-        if stored_only:
-            found = stored_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey)
-            if found is not None:
-                return found[1], found[0]
-            return None, slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey, None)
-        src = source_identity(e.uri, storage_options)
-        return src, slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey, src)
-    with ThreadPoolExecutor(16) as ex:
-        done = list(ex.map(one, entries))
-    return ({e.slide_id: d[0] for e, d in zip(entries, done)}, {e.slide_id: d[1] for e, d in zip(entries, done)})
 
 
 def source_identity(uri: str, storage_options: dict | None = None) -> str:
     """Cheap identity of a slide file (size + mtime or ETag), part of its output keys, so that a
     replaced slide is processed again. An unreachable slide gets an identity that never matches
     (a fresh one per call): nothing is reused for it, and it is retried by every run."""
-    from . import inputs   # the input.storage_options rules of every input read
+    from . import remote   # the input.storage_options rules of every input read
     try:
-        fs, path = inputs.filesystem(uri, storage_options)
+        fs, path = remote.filesystem(uri, storage_options)
         info = fs.info(path)
     except Exception:  # noqa: BLE001 - any failure: "unknown", retried by the run
         return f"unavailable-{uuid.uuid4().hex[:12]}"

@@ -47,7 +47,7 @@ def embeddings_from_table(table: pa.Table) -> np.ndarray:
 def part_paths(store: OutputStore, emb_dir: str) -> list[str]:
     if not store.exists(emb_dir):
         return []
-    return sorted(store.fs.glob(f"{emb_dir}/{PART_GLOB}"))
+    return sorted(store.glob(f"{emb_dir}/{PART_GLOB}"))
 
 
 def read_parts(store: OutputStore, emb_dir: str, with_embeddings: bool = True):

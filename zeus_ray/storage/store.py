@@ -26,8 +26,8 @@ def check_slide_id(slide_id: str) -> str:
     """Return the id if it is safe as one path component, else raise (it could escape the root)."""
     if not isinstance(slide_id, str) or not _SAFE_ID.match(slide_id) or ".." in slide_id:
         raise ZeusError(
-            f"slide id {slide_id!r} is not a safe folder name: use letters, digits and . _ - + = @ "
-            "(no '/', '\\', '..' or leading dot), at most 200 characters")
+            f"slide id {slide_id!r} is not a safe folder name: use letters, digits, spaces and . _ - + = @ "
+            "(no '/', '\\', '..' or leading dot or space), at most 200 characters")
     return slide_id
 
 
@@ -55,13 +55,28 @@ class OutputStore:
     interrupted run leaves units either complete or without a marker, and a re-run redoes only
     those."""
 
-    def __init__(self, root: str):
-        import fsspec
+    def __init__(self, root, storage_options: dict | None = None):
+        """`root`: a local path or URI (or another OutputStore, as passed to Ray workers);
+        `storage_options`: the config's output.storage_options (flat, or per protocol)."""
+        if isinstance(root, OutputStore):
+            root, storage_options = root.root_uri, root.storage_options
+        root = os.fspath(root)
+        from .remote import filesystem
         self.root_uri = root
-        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(root, self.storage_options)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         if self.local:
             self.root = str(Path(self.root).expanduser().resolve())
+
+    def __reduce__(self):   # to Ray workers: the root and its options, not an open client
+        return OutputStore, (self.root_uri, self.storage_options)
+
+    def _failed(self, what: str, path: str, err: BaseException) -> ZeusError:
+        """One line naming the URI and the cause, credentials scrubbed."""
+        from .remote import cause, protocol, redact, secrets
+        why = redact(cause(err, protocol(self.root_uri)), secrets(self.storage_options))
+        return ZeusError(f"cannot {what} {self.uri(path)}: {why}")
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -80,17 +95,26 @@ class OutputStore:
         return self.path("slides", check_slide_id(slide_id), *parts)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        if self.local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        try:
+            if self.local:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except Exception as e:  # noqa: BLE001 - any backend error: one line naming the URI
+            raise self._failed("write", path, e) from None
 
     def read_bytes(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
+        """Raises FileNotFoundError for a missing file, ZeusError (one line) for any other failure."""
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("read", path, e) from None
 
     def write_json(self, path: str, obj) -> None:
         self.write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
@@ -109,11 +133,44 @@ class OutputStore:
         import pyarrow.parquet as pq
         if self.local:   # memory-mapped: no copy through a Python file object
             return pq.read_table(path, columns=columns, memory_map=True)
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("read", path, e) from None
 
     def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+        try:
+            return self.fs.exists(path)
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("reach", path, e) from None
+
+    def _call(self, what: str, path: str, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(what, path, e) from None
+
+    def glob(self, pattern: str) -> list[str]:
+        return self._call("list", pattern, self.fs.glob, pattern)
+
+    def ls(self, path: str) -> list[str]:
+        return self._call("list", path, self.fs.ls, path, detail=False)
+
+    def info(self, path: str) -> dict:
+        return self._call("read", path, self.fs.info, path)
+
+    def rm(self, path: str) -> None:
+        return self._call("remove", path, self.fs.rm, path)
+
+    def check_reachable(self) -> None:
+        """Fail fast, with one line, when the output root's endpoint or credentials do not work
+        (s3fs answers an unreachable endpoint with an exception, a missing bucket with False)."""
+        self.exists(self.root)
 
     def upload_dir(self, local_dir: str | Path, dest: str) -> list[str]:
         """Copy every file of a local folder into `dest` (each file written whole)."""
@@ -129,7 +186,7 @@ class OutputStore:
         """The marker of a complete unit, or None."""
         try:
             return self.read_json(f"{unit_dir}/{MARKER}")
-        except (FileNotFoundError, OSError, ValueError):
+        except (FileNotFoundError, ValueError):   # absent, or cut short: not complete
             return None
 
     def commit(self, unit_dir: str, info: dict) -> None:

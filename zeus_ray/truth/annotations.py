@@ -82,9 +82,9 @@ def _fail(src: str, what: str) -> AnnotationError:
 
 
 def _read_bytes(src: str, storage_options: dict | None = None) -> bytes:
-    from ..storage import inputs  # the input.storage_options rules of every input read
+    from ..storage import remote  # the input.storage_options rules of every input read
     try:
-        fs, path = inputs.filesystem(src, storage_options)
+        fs, path = remote.filesystem(src, storage_options)
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:

@@ -5,6 +5,7 @@ Metrics are counted on the cell grid inside the tissue mask: prediction and grou
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping
@@ -145,8 +146,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(tables, out_dir: str) -> dict[str, list[str]]:
-    """Write each table as <name>.csv, <name>.parquet and <name>.md under out_dir (path or URI).
+def write_tables(tables, out_dir: str, store=None) -> dict[str, list[str]]:
+    """Write each table as <name>.csv, <name>.parquet and <name>.md under out_dir (path or URI;
+    with `store`, an OutputStore, a path in it, written with its storage options).
 
     tables: the (table1, table2) tuple from cohort_tables, or a {name: DataFrame} mapping.
     Returns {name: [written paths]}.
@@ -154,16 +156,20 @@ def write_tables(tables, out_dir: str) -> dict[str, list[str]]:
     if not isinstance(tables, Mapping):
         tables = dict(zip(("table1", "table2"), tables))
     out_dir = os.fspath(out_dir).rstrip("/")
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(root, exist_ok=True)
+    if store is None:
+        fs, root = fsspec.core.url_to_fs(out_dir)
+        fs.makedirs(root, exist_ok=True)
     written = {}
     for name, table in tables.items():
         paths = [f"{out_dir}/{name}.{ext}" for ext in ("csv", "parquet", "md")]
-        with fsspec.open(paths[0], "w", newline="") as f:
-            table.to_csv(f, index=False)
-        with fsspec.open(paths[1], "wb") as f:
-            table.to_parquet(f, index=False, engine="pyarrow")
-        with fsspec.open(paths[2], "w", encoding="utf-8") as f:
-            f.write(to_markdown(table))
+        parquet = io.BytesIO()
+        table.to_parquet(parquet, index=False, engine="pyarrow")
+        for path, data in zip(paths, (table.to_csv(index=False).encode(), parquet.getvalue(),
+                                      to_markdown(table).encode("utf-8"))):
+            if store is not None:   # the output root's storage options and whole-file writes
+                store.write_bytes(path, data)
+            else:
+                with fsspec.open(path, "wb") as f:
+                    f.write(data)
         written[name] = paths
     return written

@@ -1,6 +1,6 @@
-"""The fsspec rules of every read outside the output root (slides, manifests, annotations, bucket
-listings): which filesystem a URI opens with `input.storage_options`, and error lines that say why
-a remote call failed without leaking credentials."""
+"""Remote access rules shared by every input read and the output root: fsspec filesystems with
+the config's storage options (flat, or per protocol), one-line causes of remote failures, and
+credentials scrubbed from messages."""
 from __future__ import annotations
 
 import os
@@ -35,7 +35,7 @@ def redact(text: str, secrets=()) -> str:
     return text
 
 
-def error_cause(err: BaseException, protocol: str | None = None) -> str:
+def cause(err: BaseException, protocol: str | None = None) -> str:
     """One line saying why a remote call failed, without credentials."""
     # fsspec's HTTP backend reports an unreachable server as FileNotFoundError: look at its cause.
     inner = err.__cause__ or err.__context__
@@ -50,7 +50,8 @@ def error_cause(err: BaseException, protocol: str | None = None) -> str:
     elif "credential" in name.lower() or "credential" in msg.lower():
         hint = "no usable credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
     elif any(k in (name + msg).lower() for k in ("connect", "timeout", "timed out", "unreachable", "resolve")):
-        hint = ("cannot reach the endpoint (check AWS_ENDPOINT_URL and the network)" if protocol in ("s3", "s3a")
+        hint = ("cannot reach the endpoint (check client_kwargs.endpoint_url in the storage options or "
+                "AWS_ENDPOINT_URL, and the network)" if protocol in ("s3", "s3a")
                 else "cannot reach the server (check the address and the network)")
     else:
         hint = name
@@ -58,8 +59,8 @@ def error_cause(err: BaseException, protocol: str | None = None) -> str:
 
 
 def filesystem(uri: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path) for any input URI. `storage_options` (the config's
-    input.storage_options, e.g. {"anon": True}) apply to remote URIs only: flat keys to every
+    """(fsspec filesystem, path) for any URI. `storage_options` (the config's input.storage_options
+    or output.storage_options, e.g. {"anon": True}) apply to remote URIs only: flat keys to every
     protocol, a key naming a protocol ({"s3": {...}, "gs": {...}}) to that protocol only."""
     import fsspec
 
@@ -83,12 +84,12 @@ def filesystem(uri: str, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(uri, **options)
 
 
-def secret_values(storage_options: dict | None) -> list[str]:
+def secrets(storage_options: dict | None) -> list[str]:
     """String values of credential-like storage options, to scrub from messages."""
     out = []
     for k, v in (storage_options or {}).items():
         if isinstance(v, dict):
-            out += secret_values(v)
+            out += secrets(v)
         elif isinstance(v, str) and len(v) >= 4 and any(w in str(k).lower() for w in ("key", "secret", "token", "password")):
             out.append(v)
     return out
