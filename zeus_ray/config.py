@@ -179,7 +179,7 @@ class OutputConfig(_Section):
     heatmaps: bool = Field(False, description="also write heatmap_sim_<class>.jpg and heatmap_prob_<tumour>.jpg per slide")
     tiling_preview: bool = Field(False, description="also write the annotated tiling thumbnail (tiles/…/thumbnail.png), as `zeus tiles` does")
     # exclude: never in run.json (it lives in the output root it opens) nor in any dump or log
-    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, description="fsspec options for every read and write of a bucket output.root, e.g. {client_kwargs: {endpoint_url: 'http://minio:9000'}} for an S3-compatible store, {profile: name}; {s3: {...}, gs: {...}} gives them per protocol (docs/buckets.md). Never written to run.json; `zeus evaluate/reprompt/report` take them with --set output.storage_options.KEY=VALUE")
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, description="fsspec options for every read and write of a bucket output.root, e.g. {client_kwargs: {endpoint_url: 'http://minio:9000'}} for an S3-compatible store, {profile: name}; {s3: {...}, gs: {...}} gives them per protocol (docs/buckets.md). Never written to run.json; zeus evaluate, reprompt and report take them with --set output.storage_options.KEY=VALUE")
 
 
 class CacheConfig(_Section):

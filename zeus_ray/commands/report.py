@@ -1,7 +1,7 @@
 """`zeus report RESULTS_DIR [--prompt-key K] [--out FILE]`: the cohort's self-contained HTML report."""
 from __future__ import annotations
 
-from ..cli import add_set_option
+from .options import add_set_option
 
 
 def register(sub) -> None:
