@@ -58,7 +58,7 @@ def test_the_fallback_is_in_the_key_of_the_slides_that_use_it_only():
     store = OutputStore("/tmp/unused")
     plain, with_default = load_config(None, []), load_config(None, ["input.default_mpp=0.5"])
     assert tiling_key(plain) == tiling_key(with_default)          # the cohort-wide key does not move
-    own = slide_keys(store, "s", None, tiling_key(plain), "m", "p")
-    assert slide_keys(store, "s", None, tiling_key(plain), "m", "p", default_mpp=0.5) != own
-    assert slide_keys(store, "s", None, tiling_key(plain), "m", "p", default_mpp=0.25) != \
-        slide_keys(store, "s", None, tiling_key(plain), "m", "p", default_mpp=0.5)
+    own = slide_keys(store, "s", None, tiling_key(plain), "m", "p", "src")
+    assert slide_keys(store, "s", None, tiling_key(plain), "m", "p", "src", default_mpp=0.5) != own
+    assert slide_keys(store, "s", None, tiling_key(plain), "m", "p", "src", default_mpp=0.25) != \
+        slide_keys(store, "s", None, tiling_key(plain), "m", "p", "src", default_mpp=0.5)

@@ -34,7 +34,7 @@ def run(tmp_path_factory, slides_dir):
     import ray
     from zeus_ray.engine.driver import run_cohort
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         folder = tmp_path_factory.mktemp("oracle")
         manifest = make_cohort(folder, n=2, extra_rows=[f"cmu,{slides_dir / 'CMU-1-Small-Region.svs'},,real,C,"])

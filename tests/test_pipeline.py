@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_local(s3_server):   # the S3 server first, so Ray workers inherit its endpoint
     import ray
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
 

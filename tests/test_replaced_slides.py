@@ -27,7 +27,7 @@ def ray_address():
     """One local Ray for the module: `zeus run --address` joins it (quicker than a Ray per run)."""
     import ray
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
