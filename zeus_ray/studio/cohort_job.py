@@ -74,7 +74,7 @@ class CohortJob:
         summary = next((ln for ln in reversed(self.lines) if ln.startswith("zeus reprompt:")), None)
         # `zeus reprompt` exits 1 when some slides failed (e.g. no stored embeddings); it still finished.
         state = "running" if rc is None else "done" if rc == 0 or (rc == 1 and summary) else "failed"
-        errors = [ln for ln in self.lines if ln.startswith(("error:", "failed:"))]
+        errors = [ln for ln in self.lines if ln.startswith(("error:", "failed:", "not re-prompted:"))]
         return {"prompt_key": self.key, "state": state, "returncode": rc, "done": done, "total": len(self.targets),
                 "seconds": round((self.finished or time.time()) - self.started, 1), "summary": summary,
                 "errors": errors[-5:], "prompt_file": self.prompt_uri}
