@@ -44,13 +44,7 @@ def zeus_cli(tree: Path, manifest: Path, out: Path) -> tuple[float, int, int]:
     proc = psutil.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
     while proc.poll() is None:
-        total = 0
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss
-            except (psutil.Error, OSError):
-                pass
-        peak = max(peak, total)
+        peak = max(peak, bo.tree_pss(proc))
         time.sleep(0.5)
     wall = time.perf_counter() - t0
     log = proc.stdout.read()

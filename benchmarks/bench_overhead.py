@@ -105,6 +105,17 @@ def plain_pool(rows, procs: int, encode: bool = True) -> tuple[int, float]:
 
 # --- measurement helpers ---------------------------------------------------------------------------
 
+def tree_pss(root: psutil.Process) -> int:
+    """PSS summed over `root` and all its descendants (processes that end meanwhile count 0)."""
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.Error, OSError):
+            pass
+    return total
+
+
 class Sampler:
     """Peak of the summed PSS of this process and all its descendants, and of this process's RSS."""
 
@@ -115,13 +126,7 @@ class Sampler:
     def _run(self):
         me = psutil.Process()
         while not self.stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                except (psutil.Error, OSError):
-                    pass
-            self.peak_pss = max(self.peak_pss, total)
+            self.peak_pss = max(self.peak_pss, tree_pss(me))
             self.peak_rss = max(self.peak_rss, me.memory_info().rss)
             self.stop.wait(self.every)
 
