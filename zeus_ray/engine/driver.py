@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from ..errors import ZeusError
 from ..storage.keys import FAILED, NO_TISSUE, OK, run_key, tiling_key
@@ -26,43 +25,10 @@ from ..prompts import load_prompt_set, prompt_key as make_prompt_key
 from ..storage.store import OutputStore
 from .cluster import PoolPlan, init_ray, pool_plan
 from .passes import PassEngine, status_row
+from .summary import RunSummary
 from .pool import Pool
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunSummary:
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    no_tissue: int = 0
-    tiles_encoded: int = 0
-    seconds: float = 0.0
-    rows: list = field(default_factory=list)
-    root: str = ""
-    prompt_key: str = ""
-    read_nodes: set = field(default_factory=set)     # Ray node ids that read tiles
-    encode_nodes: set = field(default_factory=set)   # and that encoded them
-    tiles_full: int = 0       # adaptive mode: tiles full overlap would have encoded for these slides
-    tiles_stored: int = 0     # adaptive mode: tiles encoded so far for these slides (this run and before)
-    pass_tiles: dict = field(default_factory=dict)   # pass → tiles encoded in it this run
-    timing: dict = field(default_factory=dict)       # stage → [wall s, CPU s] summed over workers
-    phases: dict = field(default_factory=dict)       # driver phase → wall seconds (start-up, engine, outputs)
-    pool: str = ""
-
-    @property
-    def passes(self) -> int:
-        return max(self.pass_tiles, default=0)
-
-    def line(self) -> str:
-        rate = self.tiles_encoded / self.seconds if self.seconds else 0.0
-        adaptive = (f"; adaptive overlap: {self.tiles_stored} of {self.tiles_full} full-overlap tiles encoded "
-                    f"({100 * self.tiles_stored / self.tiles_full:.1f} %) in {self.passes} passes this run"
-                    if self.tiles_full else "")
-        return (f"zeus run: {self.ok} slides ok ({self.skipped} already complete), {self.no_tissue} without tissue, "
-                f"{self.failed} failed; {self.tiles_encoded} tiles encoded in {self.seconds:.1f} s "
-                f"({rate:.1f} tiles/s){adaptive}; results in {self.root}")
 
 
 def run_cohort(cfg, *, progress: bool = True, reprompt: bool = False, recorded: dict | None = None) -> RunSummary:
@@ -152,13 +118,10 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases, record
                    "tumour_index": prompt_set.tumour_index, "logit_scale": logit_scale}
         phases["what_is_stored"] = round(time.perf_counter() - t1, 3)
         t1 = time.perf_counter()
-        engine = PassEngine(cfg, pool, prompts, keys_of, sources, summary.rows.append, progress)
-        stats = engine.run(to_plan, to_reduce)
+        PassEngine(cfg, pool, prompts, keys_of, sources, summary, progress).run(to_plan, to_reduce)
         phases["slides"] = round(time.perf_counter() - t1, 3)
     finally:
         pool.shutdown()
-    for k in ("tiles_encoded", "tiles_full", "tiles_stored", "pass_tiles", "timing", "read_nodes", "encode_nodes"):
-        setattr(summary, k, getattr(stats, k))
     summary.read_nodes.discard(None)
     summary.ok = sum(1 for r in summary.rows if r["status"] == OK)
     summary.failed = sum(1 for r in summary.rows if r["status"] == FAILED)

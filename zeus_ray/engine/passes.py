@@ -17,14 +17,14 @@ started), then planning a new slide.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..storage.keys import FAILED, OK
 from ..slides.region_reader import plan_regions
+from .summary import RunSummary
 from .work import failure
 from ..maps.selection import PassState, Selection
 from ..slides.tiling import TileGrid
@@ -44,23 +44,6 @@ class SlideRun:
     pass_no: int = 0
     pending: int = 0              # chunks of the current pass in flight
     failed: bool = False
-
-
-@dataclass
-class EngineStats:
-    tiles_encoded: int = 0
-    tiles_full: int = 0           # adaptive mode: tiles full overlap would encode for these slides
-    tiles_stored: int = 0         # adaptive mode: tiles stored for them (this run and before)
-    pass_tiles: dict = field(default_factory=dict)    # pass → tiles encoded in it this run
-    timing: dict = field(default_factory=dict)        # stage → [wall s, CPU s] summed over workers
-    read_nodes: set = field(default_factory=set)
-    encode_nodes: set = field(default_factory=set)
-
-    def add_timing(self, t: dict) -> None:
-        for stage, (wall, cpu) in (t or {}).items():
-            acc = self.timing.setdefault(stage, [0.0, 0.0])
-            acc[0] += wall
-            acc[1] += cpu
 
 
 def chunk_target(n_tiles: int, chunk_tiles: int, workers: int, batch: int) -> int:
@@ -98,14 +81,16 @@ def chunk_jobs(run: SlideRun, todo: np.ndarray, cfg, class_matrix, workers: int 
 
 
 class PassEngine:
-    """Runs slides to completion. `on_row(row)` receives each slide's result or status row."""
+    """Runs slides to completion into `stats` (the run's RunSummary): each slide's result or status
+    row, tiles encoded, passes, per-stage timing, nodes."""
 
-    def __init__(self, cfg, pool, prompts: dict, keys_of: dict, sources: dict, on_row, progress: bool = True):
+    def __init__(self, cfg, pool, prompts: dict, keys_of: dict, sources: dict, stats: RunSummary,
+                 progress: bool = True):
         self.cfg, self.pool, self.prompts = cfg, pool, prompts
-        self.keys_of, self.sources, self.on_row, self.progress = keys_of, sources, on_row, progress
+        self.keys_of, self.sources, self.stats, self.progress = keys_of, sources, stats, progress
+        self.on_row = stats.rows.append
         self.sel = Selection.from_tiling(cfg.tiling)
         self.class_matrix = prompts["class_matrix"]
-        self.stats = EngineStats()
         self.runs: dict[str, SlideRun] = {}
         self.inflight: dict = {}            # ref → (kind, slide id)
         self.encode_q: deque = deque()
@@ -113,7 +98,7 @@ class PassEngine:
         self.done = 0
 
     # --- the loop --------------------------------------------------------------------------------
-    def run(self, to_plan: list, to_reduce: list) -> EngineStats:
+    def run(self, to_plan: list, to_reduce: list) -> RunSummary:
         import ray
         self.total = len(to_plan) + len(to_reduce)
         self.entries = {e.slide_id: e for e in [*to_plan, *to_reduce]}

@@ -56,14 +56,14 @@ def ensure_tiles(store: OutputStore, entry: dict, cfg, tiles_dir: str, source):
     of the same slide file is reused, otherwise the slide is planned and its tiles unit committed."""
     from ..results.reduce import load_tissue_mask
     from ..slides.planning import plan_slide, write_tiles_outputs
-    from ..slides.tiling import GRID_METADATA_KEY, TileGrid
+    from ..slides.tiling import grid_from_table_metadata
 
     sid = entry["slide_id"]
     done = store.complete(tiles_dir)
     if done is not None and done.get("source") == source:
         tiles = store.read_parquet(f"{tiles_dir}/tiles.parquet")
         mask, mask_mpp = load_tissue_mask(store, tiles_dir)
-        return tiles, TileGrid.from_json(tiles.schema.metadata[GRID_METADATA_KEY]), done["status"], mask, mask_mpp
+        return tiles, grid_from_table_metadata(tiles), done["status"], mask, mask_mpp
     plan = plan_slide(entry["uri"], sid, cfg, mpp_override=entry.get("mpp"))
     with tempfile.TemporaryDirectory() as tmp:
         write_tiles_outputs(plan, tmp, preview=cfg.output.tiling_preview)
