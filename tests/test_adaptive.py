@@ -393,7 +393,7 @@ def test_adaptive_settings_key_the_stored_embeddings():
 
 
 def test_chunk_target_shares_a_pass_between_workers():
-    from zeus_ray.engine.passes import chunk_target
+    from zeus_ray.engine.shape import chunk_target
     assert chunk_target(286, 256, 2, 64) == 143        # a slide's pass split over both workers
     assert chunk_target(73, 256, 2, 64) == 64          # never below a batch
     assert chunk_target(30, 256, 4, 16) == 16

@@ -1,6 +1,8 @@
-"""A worker's encode call over several chunks of several slides (engine/work.encode_jobs): tiles of
+"""A worker's encode call over several chunks of several slides (engine/work.encode_chunks): tiles of
 different slides share batches, yet each chunk's part holds exactly its own tiles and the
 embeddings each tile gets alone; a chunk whose slide cannot be read fails alone."""
+import dataclasses
+
 import numpy as np
 import openslide
 import pytest
@@ -9,6 +11,7 @@ from shapely.geometry import box
 from zeus_ray.config import ModelConfig, TissueConfig
 from zeus_ray.encoders.registry import load_encoder
 from zeus_ray.engine import work
+from zeus_ray.engine.records import Chunk
 from zeus_ray.storage.parts import read_parts
 from zeus_ray.storage.keys import FAILED, OK
 from zeus_ray.slides.region_reader import plan_regions
@@ -23,16 +26,15 @@ def encoder():
     return load_encoder(ModelConfig(id="random:test_vit", batch_size=8, device="cpu"))
 
 
-def job_for(path, sid: str, mpp: float, emb_dir: str, tissue_mask=None, min_fraction=0.25) -> dict:
+def job_for(path, sid: str, mpp: float, emb_dir: str, tissue_mask=None, min_fraction=0.25) -> Chunk:
     slide = openslide.OpenSlide(str(path))
     g = make_grid(*slide.dimensions, mpp, 1.0, 448, 112)
     if tissue_mask is None:
         thumb, tmpp = read_thumbnail(slide, mpp, 8.0)
         tissue_mask = segment_tissue(thumb, tmpp, TissueConfig())
     regions = plan_regions(tile_table(g, tissue_mask, min_fraction, sid), g, 4, slide_id=sid)
-    return {"slide_id": sid, "uri": str(path), "grid": g, "n_cols": g.n_cols, "pass": 1, "emb_dir": emb_dir,
-            "tiling_key": "t", "model_key": "m", "dtype": "float32", "class_matrix": None, "regions": regions,
-            "n_tiles": sum(r.n_tiles for r in regions), "direct_tiff": True}
+    return Chunk(slide_id=sid, uri=str(path), grid=g, pass_no=1, emb_dir=emb_dir, tiling_key="t", model_key="m",
+                 dtype="float32", direct_tiff=True, regions=regions, want_scores=False)
 
 
 @pytest.fixture(scope="module")
@@ -47,24 +49,24 @@ def test_chunks_of_several_slides_share_batches_not_tiles(encoder, slides, slide
     jobs = [job_for(p, f"s{i}", 0.5, store.path("emb", f"s{i}")) for i, p in enumerate(slides)]
     bad = job_for(slides_dir / "unreadable.svs", "bad", 0.499, store.path("emb", "bad"),
                   TissueMask(mask=np.ones((1, 1), np.uint8), mpp=8.0), min_fraction=0.0)
-    assert bad["n_tiles"] == 1
-    sizes = [j["n_tiles"] for j in jobs]
+    assert bad.n_tiles == 1
+    sizes = [j.n_tiles for j in jobs]
     assert all(n % encoder.batch_size for n in sizes)       # each chunk alone ends in a partial batch
     work._HANDLES.clear()
-    recs = work.encode_jobs(encoder, store, [jobs[0], bad, jobs[1]])
-    assert [r["status"] for r in recs] == [OK, FAILED, OK]
-    assert recs[1]["slide_id"] == "bad" and "corrupt" in recs[1]["message"] and recs[1]["n"] == 0
+    recs = work.encode_chunks(encoder, store, [jobs[0], bad, jobs[1]])
+    assert [r.status for r in recs] == [OK, FAILED, OK]
+    assert recs[1].slide_id == "bad" and "corrupt" in recs[1].message and recs[1].n == 0
     for job, rec in zip(jobs, (recs[0], recs[2])):
-        want = np.sort(np.concatenate([r.tile_ids for r in job["regions"]]))
-        np.testing.assert_array_equal(rec["tile_ids"], want)
-        ids, _, emb = read_parts(store, job["emb_dir"])
+        want = np.sort(np.concatenate([r.tile_ids for r in job.regions]))
+        np.testing.assert_array_equal(rec.tile_ids, want)
+        ids, _, emb = read_parts(store, job.emb_dir)
         np.testing.assert_array_equal(ids, want)
         # The same tiles encoded on their own (one chunk per call) give the same embeddings.
-        solo = OutputStore(str(tmp_path / f"alone-{job['slide_id']}"))
-        job_a = job | {"emb_dir": solo.path("emb", job["slide_id"])}
-        alone = work.encode_jobs(encoder, solo, [job_a])[0]
-        ids_a, _, emb_a = read_parts(solo, job_a["emb_dir"])
-        assert alone["status"] == OK
+        solo = OutputStore(str(tmp_path / f"alone-{job.slide_id}"))
+        job_a = dataclasses.replace(job, emb_dir=solo.path("emb", job.slide_id))
+        alone = work.encode_chunks(encoder, solo, [job_a])[0]
+        ids_a, _, emb_a = read_parts(solo, job_a.emb_dir)
+        assert alone.status == OK
         np.testing.assert_array_equal(ids_a, ids)
         np.testing.assert_allclose(emb, emb_a, atol=1e-5)
     assert not store.fs.exists(f"{store.root}/emb/bad")

@@ -190,13 +190,25 @@ class CacheConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="existing cluster (or RAY_ADDRESS); default: a new local Ray")
     num_readers: int | None = Field(None, gt=0, description="split pools: concurrent CPU tasks (plans, region reads, reduces)")
-    num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one per encoder_cpus CPUs)")
+    num_encoders: int | None = Field(None, gt=0, description="a fixed pool of this many encoder actors (same as encoders_min = encoders_max); default: an autoscaling pool")
+    encoders_min: int = Field(1, gt=0, description="encoder actors the autoscaling pool keeps at least")
+    encoders_max: int | None = Field(None, gt=0, description="encoder actors the pool grows to at most; default: as many as the cluster can hold, including nodes that join later (one per GPU, or per encoder_cpus CPUs)")
     encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor (default: 1 per 8 CPUs of the largest node, at least 1)")
     fuse_read_encode: Literal["auto", "on", "off"] = Field("auto", description="auto: CPU encoders read their own tiles (no pixels through the object store) unless reader_resources pins reads elsewhere")
     chunk_tiles: int = Field(256, gt=0, description="most tiles per encoder job and stored part (a slide's pass is split smaller, down to a batch per worker, so every worker shares it)")
-    max_slides_in_flight: int | None = Field(None, gt=0, description="slides planned but not finished at a time (default: 4 per encoder worker, at least 8)")
+    max_slides_in_flight: int | None = Field(None, gt=0, description="adaptive mode: slides whose passes run together (their selection state is held by the driver between passes; default 512); full overlap streams every slide in one execution")
     reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
     encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self):
+        if self.num_encoders is not None and (self.encoders_min != 1 or self.encoders_max is not None):
+            raise ValueError("set either num_encoders (a fixed pool) or encoders_min/encoders_max (an autoscaling "
+                             "pool), not both")
+        if self.encoders_max is not None and self.encoders_max < self.encoders_min:
+            raise ValueError(f"encoders_max ({self.encoders_max}) is below encoders_min ({self.encoders_min}); "
+                             f"raise encoders_max or leave it unset (no upper bound)")
+        return self
 
 
 class EvaluationConfig(_Section):

@@ -1,14 +1,16 @@
-"""The cohort job's driver (`zeus run`, `zeus reprompt`): what each slide needs, the worker pool,
-the pass engine, the cohort tables.
+"""The cohort job's driver (`zeus run`, `zeus reprompt`): what each slide needs, the class
+embeddings, the Ray Data executions (engine/cohort_run.py), the cohort tables.
 
 Follow one tile from manifest to mask:
-  manifest.load_cohort → here: keys (keys.py) and what is already stored per slide
-  → engine/passes.py: plan the slide (engine/work.plan_work → tiles_stage.plan_slide), select the
-    pass's tiles (selection.PassState), group them in regions and chunks (region_reader.plan_regions)
-  → engine/pool.py worker: read the regions, encode, write the chunk's part (engine/parts.py)
-  → when the slide needs no more passes: its reduce (slide_reduce.reduce_slide: similarities,
-    overlap-averaged maps (rasterise.py), argmax, mask, viewer outputs, metrics)
-  → cohort.py: slides/errors tables, Table 1/2, report.
+  cohort_input/manifest.load_cohort → here: keys (slides/slide_keys.py) and what is stored per slide
+  → engine/pipeline.py (Ray Data), by the pool's shape (engine/shape.py):
+    fused (CPU encoders): a slide worker (engine/slide_worker.py) plans the slide (engine/work.plan_work
+    → slides/planning.plan_slide), selects each pass (maps/selection.PassState), reads and encodes
+    its regions, writes the parts (storage/parts.py) and reduces it;
+    split (GPU encoders): plan tasks → reader tasks → encoder actors (engine/stages.py), and the
+    driver starts each slide's reduce as its last chunk is in (engine/cohort_run.py)
+  → results/reduce.reduce_slide: similarities, overlap-averaged maps, argmax, mask, viewer outputs, metrics
+  → results/cohort_tables.py: slides/errors tables, Table 1/2, report.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from ..slides.slide_keys import cohort_keys
 from ..cohort_input.manifest import load_cohort
 from ..prompts import load_prompt_set, prompt_key as make_prompt_key
 from ..storage.store import OutputStore
-from .cluster import PoolPlan, init_ray, pool_plan
-from .passes import PassEngine, status_row
+from .cluster import init_ray
+from .records import status_row
+from .shape import pool_shape, reduce_only_shape
 from .summary import RunSummary
-from .pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,35 @@ def run_cohort(cfg, *, progress: bool = True, reprompt: bool = False, recorded: 
             ray.shutdown()
 
 
-def _text(pool: Pool, prompt_set) -> tuple:
+def _text_task(cfg, prompt_set) -> tuple:
+    """Class matrix (C, D) per the paper's Eq. 1, the model key and the logit scale."""
+    from ..encoders.registry import load_encoder
+    from ..prompts import class_embeddings
+    enc = load_encoder(cfg.model)
+    return class_embeddings(enc, prompt_set), enc.model_key, float(enc.logit_scale)
+
+
+def _text(cfg, shape, prompt_set) -> tuple:
+    """The class embeddings, computed once in a Ray task where an encoder actor would run (its
+    resources), before the pipeline starts: every slide's keys hold the model key."""
     import ray
+    opts = {"num_cpus": 1, "max_retries": 1}
+    if shape.encoder_gpus:
+        opts["num_gpus"] = shape.encoder_gpus
+    if shape.encoder_resources:
+        opts["resources"] = shape.encoder_resources
     try:
-        return ray.get(pool.text(prompt_set))
+        return ray.get(ray.remote(_text_task).options(**opts).remote(cfg, prompt_set))
     except Exception as e:  # noqa: BLE001 - the encoder could not be built (weights, tokenizer, device)
         raise ZeusError(_actor_error(e)) from None
+
+
+def _shape(cfg, stored_only: bool):
+    import ray
+    if stored_only:
+        return reduce_only_shape(ray.cluster_resources())
+    biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1) or 1
+    return pool_shape(cfg, ray.cluster_resources(), biggest)
 
 
 def _actor_error(e: BaseException) -> str:
@@ -73,69 +98,60 @@ def _actor_error(e: BaseException) -> str:
 
 
 def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases, recorded) -> RunSummary:
+    from .cohort_run import CohortRun
     stored_only = reprompt and cfg.tiling.mode == "full"
-    plan = PoolPlan(False, 0, 0, 0, 1, 1, n_readers=_cpus()) if stored_only else pool_plan(cfg)
-    pool = Pool(plan, cfg, store)   # the store travels with its storage options
+    shape = _shape(cfg, stored_only)
     t1 = time.perf_counter()
-    try:
-        if progress and plan.n_workers:
-            log.info("worker pool: %s", plan.describe())
-        if cfg.model.id.startswith("random:"):   # (not imported from random_model: that pulls torch in)
-            log.warning("model %s: random weights, masks carry no meaning", cfg.model.id)
-        class_matrix, model_key, logit_scale = _text(pool, prompt_set)
-        phases["pool_start"] = round(time.perf_counter() - t1, 3)   # workers up, encoder loaded
-        t1 = time.perf_counter()
-        pkey = run_key(make_prompt_key(prompt_set, model_key), cfg)
-        tkey = tiling_key(cfg)
-        summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=plan.describe())
-        # The slide file's identity is part of its keys: a replaced file is planned and encoded anew.
-        sources, keys_of = cohort_keys(store, entries, cfg, tkey, model_key, pkey, stored_only)
-        with ThreadPoolExecutor(16) as ex:   # bucket reads overlap
-            marks = list(ex.map(lambda e: (store.complete(keys_of[e.slide_id].res_dir),
-                                           store.complete(keys_of[e.slide_id].emb_dir)), entries))
-        to_plan, to_reduce = [], []
-        for e, (done, emb_done) in zip(entries, marks):
-            src = sources[e.slide_id]
-            if done is not None and done.get("source") == src:
-                summary.rows.append(done)
-                summary.skipped += 1
-            elif cfg.tiling.mode == "adaptive":   # new prompts may need new tiles: the engine decides
-                to_plan.append(e)
-            elif emb_done is not None and emb_done.get("source") == src:
-                to_reduce.append(e)
-            elif reprompt and (recorded.get(e.slide_id) or {}).get("status") in (FAILED, NO_TISSUE):
-                was = {k: v if isinstance(v, str) else None for k, v in recorded[e.slide_id].items()}   # NaN: none
-                summary.rows.append(status_row(e, was["status"], was["error"], was.get("reason")) | {"recorded": True})
-            elif reprompt:
-                summary.rows.append(status_row(e, FAILED, f"slide {e.slide_id!r}: no stored embeddings for this "
-                                                          f"tiling and model ({model_key}); run `zeus run` on it first",
-                                               "no_embeddings"))
-            else:
-                to_plan.append(e)
-        log.info("%d slides: %d complete, %d to reduce from stored embeddings, %d to read and encode",
-                 len(entries), summary.skipped, len(to_reduce), len(to_plan))
-        prompts = {"class_matrix": class_matrix, "class_names": prompt_set.class_names,
-                   "tumour_index": prompt_set.tumour_index, "logit_scale": logit_scale}
-        phases["what_is_stored"] = round(time.perf_counter() - t1, 3)
-        t1 = time.perf_counter()
-        PassEngine(cfg, pool, prompts, keys_of, sources, summary, progress).run(to_plan, to_reduce)
-        phases["slides"] = round(time.perf_counter() - t1, 3)
-    finally:
-        pool.shutdown()
+    if progress and not stored_only:
+        log.info("encoder pool: %s", shape.describe())
+    if cfg.model.id.startswith("random:"):   # (not imported from random_model: that pulls torch in)
+        log.warning("model %s: random weights, masks carry no meaning", cfg.model.id)
+    class_matrix, model_key, logit_scale = _text(cfg, shape, prompt_set)
+    phases["text"] = round(time.perf_counter() - t1, 3)
+    t1 = time.perf_counter()
+    pkey = run_key(make_prompt_key(prompt_set, model_key), cfg)
+    tkey = tiling_key(cfg)
+    summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=shape.describe())
+    # The slide file's identity is part of its keys: a replaced file is planned and encoded anew.
+    sources, keys_of = cohort_keys(store, entries, cfg, tkey, model_key, pkey, stored_only)
+    with ThreadPoolExecutor(16) as ex:   # bucket reads overlap
+        marks = list(ex.map(lambda e: (store.complete(keys_of[e.slide_id].res_dir),
+                                       store.complete(keys_of[e.slide_id].emb_dir)), entries))
+    to_plan, to_reduce = [], []
+    for e, (done, emb_done) in zip(entries, marks):
+        src = sources[e.slide_id]
+        if done is not None and done.get("source") == src:
+            summary.rows.append(done)
+            summary.skipped += 1
+        elif cfg.tiling.mode == "adaptive":   # new prompts may need new tiles: the plan decides
+            to_plan.append(e)
+        elif emb_done is not None and emb_done.get("source") == src:
+            to_reduce.append(e)
+        elif reprompt and (recorded.get(e.slide_id) or {}).get("status") in (FAILED, NO_TISSUE):
+            was = {k: v if isinstance(v, str) else None for k, v in recorded[e.slide_id].items()}   # NaN: none
+            summary.rows.append(status_row(e.as_dict(), was["status"], was["error"], was.get("reason"))
+                                | {"recorded": True})
+        elif reprompt:
+            summary.rows.append(status_row(e.as_dict(), FAILED, f"slide {e.slide_id!r}: no stored embeddings for "
+                                           f"this tiling and model ({model_key}); run `zeus run` on it first",
+                                           "no_embeddings"))
+        else:
+            to_plan.append(e)
+    log.info("%d slides: %d complete, %d to reduce from stored embeddings, %d to read and encode",
+             len(entries), summary.skipped, len(to_reduce), len(to_plan))
+    prompts = {"class_matrix": class_matrix, "class_names": prompt_set.class_names,
+               "tumour_index": prompt_set.tumour_index, "logit_scale": logit_scale}
+    phases["what_is_stored"] = round(time.perf_counter() - t1, 3)
+    t1 = time.perf_counter()
+    CohortRun(cfg, shape, store, prompts, keys_of, sources, summary, progress).run(to_plan, to_reduce)
+    phases["slides"] = round(time.perf_counter() - t1, 3)
     summary.read_nodes.discard(None)
-    summary.ok = sum(1 for r in summary.rows if r["status"] == OK)
-    summary.failed = sum(1 for r in summary.rows if r["status"] == FAILED)
-    summary.no_tissue = sum(1 for r in summary.rows if r["status"] == NO_TISSUE)
+    summary.count()
     summary.phases = phases
     summary.seconds = time.perf_counter() - t0
     from ..results.cohort_tables import write_cohort_outputs
     write_cohort_outputs(store, summary, cfg, prompt_set)
     return summary
-
-
-def _cpus() -> int:
-    import ray
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def absolute_paths(cfg):

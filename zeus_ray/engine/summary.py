@@ -1,7 +1,10 @@
-"""What a run did: the one record `zeus run` returns, filled by the pass engine as slides finish."""
+"""What a run did: the one record `zeus run` returns, filled by engine/cohort_run.py from the
+pipeline's records as slides finish."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..storage.keys import FAILED, NO_TISSUE, OK
 
 
 @dataclass
@@ -23,6 +26,7 @@ class RunSummary:
     timing: dict = field(default_factory=dict)       # stage → [wall s, CPU s] summed over workers
     phases: dict = field(default_factory=dict)       # driver phase → wall seconds (start-up, engine, outputs)
     pool: str = ""
+    executions: list = field(default_factory=list)   # per Ray Data execution: pass, items, records, seconds
 
     @property
     def passes(self) -> int:
@@ -37,8 +41,19 @@ class RunSummary:
                 f"{self.failed} failed; {self.tiles_encoded} tiles encoded in {self.seconds:.1f} s "
                 f"({rate:.1f} tiles/s){adaptive}; results in {self.root}")
 
-    def add_timing(self, t: dict) -> None:
+    def add_timing(self, t: dict | None) -> None:
         for stage, (wall, cpu) in (t or {}).items():
             acc = self.timing.setdefault(stage, [0.0, 0.0])
             acc[0] += wall
             acc[1] += cpu
+
+    def add_tiles(self, pass_no: int, n: int, read_node: str | None, encode_node: str | None) -> None:
+        self.tiles_encoded += n
+        self.pass_tiles[pass_no] = self.pass_tiles.get(pass_no, 0) + n
+        for nodes, node in ((self.read_nodes, read_node), (self.encode_nodes, encode_node)):
+            if node is not None and n:
+                nodes.add(node)
+
+    def count(self) -> None:
+        statuses = [r["status"] for r in self.rows]
+        self.ok, self.failed, self.no_tissue = (statuses.count(s) for s in (OK, FAILED, NO_TISSUE))

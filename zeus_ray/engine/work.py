@@ -1,7 +1,7 @@
-"""What workers do for one slide (run inside Ray actors or tasks; no Ray calls here): plan its tiles,
-read regions, encode a chunk and write its part, reduce. Each returns a small record for the driver
-(engine/passes.py): counts, positions, class scores in adaptive mode, where outputs are — never
-embeddings or pixels. Timings are per stage: wall seconds and the process's CPU seconds.
+"""What workers do for one slide (inside the pipeline's Ray Data stages and the reduce tasks; no Ray
+calls here): plan its tiles, read regions, encode chunks and write their parts, reduce. The records
+for the driver (engine/records.py) hold counts, positions, class scores in adaptive mode and where
+outputs are — never embeddings or pixels. Timings are per stage: wall seconds and the process's CPU seconds.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..errors import SlideError, ZeusError
 from ..storage.keys import FAILED, NO_TISSUE, OK
 from ..storage.store import OutputStore
 from ..storage.parts import part_name, part_table, read_parts
+from .records import Chunk, Encoded, ReadChunk, ReduceJob, Reduced, status_row
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ def timed(timings: dict, stage: str):
         acc = timings.setdefault(stage, [0.0, 0.0])
         acc[0] += time.perf_counter() - w
         acc[1] += time.process_time() - c
+
+
+def merge_timing(into: dict, t: dict | None) -> None:
+    """Add a record's per-stage [wall, cpu] seconds to `into`."""
+    for stage, (wall, cpu) in (t or {}).items():
+        acc = into.setdefault(stage, [0.0, 0.0])
+        acc[0] += wall
+        acc[1] += cpu
 
 
 def node_id() -> str:
@@ -125,15 +134,15 @@ _HANDLES: dict = {}     # uri → (OpenSlide, TiffLevels or None), most recently
 MAX_HANDLES = 8
 
 
-def _slide(job: dict, cache_cfg, storage_options):
-    """The job's slide and its direct TIFF reader (None where OpenSlide reads), from a bounded
+def _slide(chunk: Chunk, cache_cfg, storage_options):
+    """The chunk's slide and its direct TIFF reader (None where OpenSlide reads), from a bounded
     per-worker cache of open handles. The handles share one OpenSlide tile cache (a cache per
     handle would grow a worker by its size per slide); direct reads keep their own (tiff_levels)."""
     import openslide
 
     from ..slides.access import open_slide_file
     from ..slides.tiff_levels import TiffLevels
-    uri = job["uri"]
+    uri = chunk.uri
     handle = _HANDLES.pop(uri, None)
     if handle is None:
         if len(_HANDLES) >= MAX_HANDLES:
@@ -141,12 +150,12 @@ def _slide(job: dict, cache_cfg, storage_options):
             slide.close()
             if tiff is not None:
                 tiff.close()
-        slide, path = open_slide_file(uri, job["slide_id"], cache_cfg, storage_options)
+        slide, path = open_slide_file(uri, chunk.slide_id, cache_cfg, storage_options)
         if hasattr(openslide, "OpenSlideCache"):
             if not _TILE_CACHE:
                 _TILE_CACHE.append(openslide.OpenSlideCache(TILE_CACHE_BYTES))
             slide.set_cache(_TILE_CACHE[0])
-        handle = (slide, TiffLevels.open(path, slide) if job.get("direct_tiff", True) else None)
+        handle = (slide, TiffLevels.open(path, slide) if chunk.direct_tiff else None)
     _HANDLES[uri] = handle
     return handle
 
@@ -155,12 +164,12 @@ _TILE_CACHE: list = []
 TILE_CACHE_BYTES = 32 << 20   # one OpenSlide cache shared by the worker's handles
 
 
-def read_regions(job: dict, cache_cfg, storage_options=None):
+def read_regions(chunk: Chunk, cache_cfg, storage_options=None):
     """Yield (tile_ids, uint8 tiles (n, P, P, 3)) region by region, each region decoded once."""
     from ..slides.region_reader import read_region_tiles
-    slide, tiff = _slide(job, cache_cfg, storage_options)
-    for r in job["regions"]:
-        yield read_region_tiles(slide, job["grid"], r, tiff=tiff)
+    slide, tiff = _slide(chunk, cache_cfg, storage_options)
+    for r in chunk.regions:
+        yield read_region_tiles(slide, chunk.grid, r, tiff=tiff)
 
 
 def _encode_stream(encoder, pieces, batch: int, t: dict):
@@ -195,94 +204,108 @@ def _encode_stream(encoder, pieces, batch: int, t: dict):
     return np.concatenate(ids), np.concatenate(emb)
 
 
-def encode_jobs(encoder, store: OutputStore, jobs: list, cache_cfg=None, storage_options=None) -> list[dict]:
-    """Encode chunks (fused mode: their regions read here) in shared batches, then write each
-    chunk's part; one record per chunk (see `encode_work`). The small chunks of adaptive passes and
-    of biopsies fill batches together: a partial batch costs more per tile than a full one. A chunk
-    whose slide cannot be read fails alone."""
+def encode_chunks(encoder, store: OutputStore, items: list, class_matrix=None, cache_cfg=None,
+                  storage_options=None) -> list[Encoded]:
+    """Encode chunks in shared batches, then write each chunk's part; one record per chunk. An item
+    is a Chunk (fused shape: its regions are read here) or a ReadChunk (split shape: read by a
+    reader task). The small chunks of adaptive passes and of biopsies fill batches together: a
+    partial batch costs more per tile than a full one. A chunk whose slide cannot be read fails alone."""
     t: dict = {}
     node = node_id()
-    recs = [{"slide_id": j["slide_id"], "pass": j["pass"], "timing": {}, "encode_node": node, "read_node": node}
-            for j in jobs]
-    recs[0]["timing"] = t
+    chunks = [it.chunk if isinstance(it, ReadChunk) else it for it in items]
+    recs = [Encoded(c.slide_id, c.pass_no, encode_node=node,
+                    read_node=it.read_node if isinstance(it, ReadChunk) else node) for c, it in zip(chunks, items)]
+    recs[0].timing = t
+    for it in items:   # the readers' time, counted with the call's
+        if isinstance(it, ReadChunk):
+            merge_timing(t, it.timing)
     errors: dict = {}
 
-    def pieces():   # (job index, tile id) pairs and tiles, job after job
-        for k, job in enumerate(jobs):
+    def pieces():   # (item index, tile id) pairs and tiles, item after item
+        for k, it in enumerate(items):
+            if isinstance(it, ReadChunk) and it.failure is not None:
+                errors[k] = it.failure
+                continue
             try:
-                for ids, images in read_regions(job, cache_cfg, storage_options):
+                source = it.pieces if isinstance(it, ReadChunk) else read_regions(it, cache_cfg, storage_options)
+                for ids, images in source:
                     yield np.stack([np.full(len(ids), k), ids], axis=1), images
             except Exception as e:  # noqa: BLE001 - this chunk's slide fails, the others go on
                 errors[k] = e
     try:
         keys, emb = _encode_stream(encoder, pieces(), getattr(encoder, "batch_size", 64), t)
     except Exception as e:  # noqa: BLE001 - the encoder failed: every chunk of the call fails
-        return [rec | failure(rec["slide_id"], e) | {"n": 0} for rec in recs]
+        return [_failed(rec, e) for rec in recs]
     if keys is None:   # nothing was read
         keys, emb = np.empty((0, 2), np.int64), None
     out = []
-    for k, (job, rec) in enumerate(zip(jobs, recs)):
+    for k, (chunk, rec) in enumerate(zip(chunks, recs)):
         if k in errors:
-            out.append(rec | failure(job["slide_id"], errors[k]) | {"n": 0})
+            out.append(_failed(rec, errors[k]))
             continue
         mine = keys[:, 0] == k
         if not mine.any():
-            out.append(rec | {"status": FAILED, "n": 0, "reason": "error",
-                              "message": f"slide {job['slide_id']!r}: no tiles were read for a chunk"})
+            rec.status, rec.reason = FAILED, "error"
+            rec.message = f"slide {chunk.slide_id!r}: no tiles were read for a chunk"
+            out.append(rec)
             continue
-        out.append(_write_part(store, job, rec, keys[mine, 1], emb[mine], t))
+        out.append(_write_part(store, chunk, rec, keys[mine, 1], emb[mine], t, class_matrix))
     return out
 
 
-def _write_part(store: OutputStore, job: dict, rec: dict, ids: np.ndarray, emb: np.ndarray, t: dict) -> dict:
+def _failed(rec: Encoded, e) -> Encoded:
+    """The record failed with an exception, or with a reader's failure fields."""
+    f = e if isinstance(e, dict) else failure(rec.slide_id, e)
+    rec.status, rec.message, rec.reason, rec.n = f["status"], f["message"], f["reason"], 0
+    return rec
+
+
+def _write_part(store: OutputStore, chunk: Chunk, rec: Encoded, ids: np.ndarray, emb: np.ndarray, t: dict,
+                class_matrix=None) -> Encoded:
     """Write one chunk's part and complete its record (+ class scores in adaptive mode)."""
     from ..results.reduce import cosine_scores
-    sid = job["slide_id"]
     try:
         with timed(t, "write"):
             order = np.argsort(ids)
             ids = ids[order]
             # What is stored is what is scored, so a re-prompt from the store gives the same maps.
-            emb = emb[order].astype(job["dtype"]).astype(np.float32)
-            path = f"{job['emb_dir']}/{part_name(job['pass'], ids[0])}"
-            store.write_parquet(path, part_table(sid, ids, job["n_cols"], job["pass"], emb, job["tiling_key"],
-                                                 job["model_key"], job["dtype"]))
-        rec = rec | {"status": OK, "n": len(ids), "part": path, "tile_ids": ids}
-        if job.get("class_matrix") is not None:
-            rec["scores"] = cosine_scores(emb, job["class_matrix"])
+            emb = emb[order].astype(chunk.dtype).astype(np.float32)
+            path = f"{chunk.emb_dir}/{part_name(chunk.pass_no, ids[0])}"
+            store.write_parquet(path, part_table(chunk.slide_id, ids, chunk.grid.n_cols, chunk.pass_no, emb,
+                                                 chunk.tiling_key, chunk.model_key, chunk.dtype))
+        rec.status, rec.n, rec.part, rec.tile_ids = OK, len(ids), path, ids
+        if chunk.want_scores and class_matrix is not None:
+            rec.scores = cosine_scores(emb, class_matrix)
         return rec
     except Exception as e:  # noqa: BLE001 - this slide fails, the cohort goes on
-        return rec | failure(sid, e) | {"n": 0}
+        return _failed(rec, e)
 
 
-def encode_work(encoder, store: OutputStore, job: dict, tiles, cache_cfg=None, storage_options=None) -> dict:
-    """Split mode: encode one chunk whose (ids, images) pieces were read by reader tasks, write its
-    part, return the record: tile count, the part, and in adaptive mode (job["class_matrix"]) the
-    chunk's tile ids and class scores for the next selection."""
+def read_chunk(chunk: Chunk, cache_cfg, storage_options=None) -> ReadChunk:
+    """Split shape: a reader task reads a chunk's regions for an encoder actor elsewhere."""
     t: dict = {}
-    rec = {"slide_id": job["slide_id"], "pass": job["pass"], "timing": t, "encode_node": node_id(),
-           "read_node": job.get("read_node")}
-    try:
-        ids, emb = _encode_stream(encoder, tiles, getattr(encoder, "batch_size", 64), t)
-    except Exception as e:  # noqa: BLE001 - this slide fails, the cohort goes on
-        return rec | failure(job["slide_id"], e) | {"n": 0}
-    return _write_part(store, job, rec, ids, emb, t)
+    pieces = []
+    with timed(t, "read"):
+        for ids, images in read_regions(chunk, cache_cfg, storage_options):
+            pieces.append((ids, images))
+    return ReadChunk(chunk, pieces, node_id(), t)
 
 
 # --- reduce --------------------------------------------------------------------------------------
 
-def reduce_work(store_root: str, job: dict) -> dict:
-    """The slide's reduce (slide_reduce.reduce_slide) from its stored parts; a failure becomes the
+def reduce_work(store_root: str, job: ReduceJob) -> Reduced:
+    """The slide's reduce (results.reduce.reduce_slide) from its stored parts; a failure becomes the
     slide's failed row."""
     from ..results.reduce import reduce_slide
-    sid = job["entry"]["slide_id"]
+    sid = job.entry["slide_id"]
     t: dict = {}
     try:
         with timed(t, "reduce"):
-            row = reduce_slide(OutputStore(store_root), job)
-        return row | {"timing": t}
-    except Exception as e:  # noqa: BLE001
-        return {"slide_id": sid, "timing": t} | failure(sid, e)
+            row = reduce_slide(OutputStore(store_root), job.as_job())
+        return Reduced(sid, row, t)
+    except Exception as e:  # noqa: BLE001 - one bad slide never stops the cohort
+        f = failure(sid, e)
+        return Reduced(sid, status_row(job.entry, f["status"], f["message"], f["reason"]), t)
 
 
 def set_threads(n: int) -> None:

@@ -1,0 +1,127 @@
+"""An elastic cluster (ray.cluster_utils.Cluster): a node that joins mid-run gets encoder actors and
+tiles (seen in the records' node ids); a node lost mid-run loses nothing (outputs equal an
+undisturbed run's)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from _cohort import completed_results as _results, job_config, make_cohort
+from zeus_ray.engine.driver import run_cohort
+
+# Small chunks: many encoder calls, spread over the actors.
+SMALL = ["ray.chunk_tiles=16"]
+# A slower (ViT-B) random encoder for the join: the run must outlast a new node's start and its
+# actor's (process, torch import, model).
+SLOW = [*SMALL, "model.id=random:vit_base_patch16_224"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cohort"), n=3)
+
+
+def _outputs(root: Path) -> dict:
+    out = {}
+    for sid, d in _results(root).items():
+        sims = pq.read_table(d / "similarities.parquet").to_pandas().sort_values("tile_id")
+        out[sid] = (np.array(Image.open(next(d.glob("mask_*mpp.png")))), sims)
+    return out
+
+
+def _run_and(out: Path, cfg, action):
+    """Run the cohort in a thread; once its first embedding part is written, `action()` here (a
+    Cluster adds and removes nodes from the main thread only). Returns (summary, action's result)."""
+    result: dict = {}
+
+    def job():
+        try:
+            result["summary"] = run_cohort(cfg, progress=False)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            result["error"] = e
+    t = threading.Thread(target=job, daemon=True)
+    t.start()
+    deadline = time.time() + 600
+    while time.time() < deadline and t.is_alive() and not list(out.glob("slides/*/embeddings/*/*/pass-*.parquet")):
+        time.sleep(0.05)
+    assert t.is_alive(), "the run ended before its first part was seen"
+    done = action()
+    t.join(900)
+    if "error" in result:
+        raise result["error"]
+    return result["summary"], done
+
+
+@pytest.fixture
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_a_node_that_joins_gets_encoders_and_tiles(cluster, tmp_path):
+    cohort = make_cohort(tmp_path / "cohort", n=6)
+    out = tmp_path / "out"
+    head = cluster.head_node.node_id
+    summary, joined = _run_and(out, job_config(cohort, out, *SLOW), lambda: cluster.add_node(num_cpus=1).node_id)
+    assert summary.ok == 6 and summary.failed == 0
+    # The pool started on the head alone (one CPU: one encoder actor) and grew onto the new node.
+    assert summary.encode_nodes == {head, joined}, (summary.encode_nodes, head, joined)
+
+
+def test_a_node_lost_mid_run_loses_nothing(cluster, cohort, tmp_path):
+    cluster.add_node(num_cpus=1)
+    b = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ref_out = tmp_path / "ref"
+    ref = run_cohort(job_config(cohort, ref_out, *SMALL), progress=False)
+    assert ref.ok == 3
+
+    out = tmp_path / "out"
+
+    def preempt():   # a node goes, a replacement comes (what a spot group does)
+        cluster.add_node(num_cpus=1)
+        cluster.remove_node(b, allow_graceful=False)
+    summary, _ = _run_and(out, job_config(cohort, out, *SMALL), preempt)
+    assert b not in cluster.worker_nodes and not b.any_processes_alive()   # killed mid-run
+    assert summary.ok == 3 and summary.failed == 0, [r.get("error") for r in summary.rows]
+    got, want = _outputs(out), _outputs(ref_out)
+    assert sorted(got) == sorted(want) == ["syn-0", "syn-1", "syn-2"]
+    for sid in want:
+        assert np.array_equal(got[sid][0], want[sid][0]), sid
+        x, y = got[sid][1], want[sid][1]
+        assert x["tile_id"].tolist() == y["tile_id"].tolist()
+        np.testing.assert_allclose(x["sim_tumor"], y["sim_tumor"], atol=1e-4)
+
+
+def test_pool_bounds_from_the_config():
+    """ray.encoders_min/encoders_max bound the autoscaling pool (no maximum by default);
+    ray.num_encoders is a fixed pool; contradictions are one clear error."""
+    from zeus_ray.config import load_config
+    from zeus_ray.engine.shape import pool_shape
+    from zeus_ray.errors import ConfigError
+    cluster = {"CPU": 8.0}
+    s = pool_shape(load_config(None, []), cluster, 8)
+    assert (s.fused, s.encoders_min, s.encoders_max, s.encoder_cpus, s.task_cpus) == (True, 1, None, 1, 0.0)
+    s = pool_shape(load_config(None, ["ray.encoders_min=2", "ray.encoders_max=5"]), cluster, 8)
+    assert (s.encoders_min, s.encoders_max) == (2, 5)
+    s = pool_shape(load_config(None, ["ray.num_encoders=3"]), cluster, 8)
+    assert (s.encoders_min, s.encoders_max) == (3, 3)
+    gpu = pool_shape(load_config(None, ["model.device=cuda"]), {"CPU": 8.0}, 8)   # GPU group at zero
+    assert (gpu.fused, gpu.encoder_gpus, gpu.encoders_max, gpu.task_cpus) == (False, 1.0, None, 1.0)
+    for sets, words in ((["ray.encoders_min=3", "ray.encoders_max=2"], "encoders_max (2) is below encoders_min (3)"),
+                        (["ray.num_encoders=2", "ray.encoders_max=4"], "either num_encoders")):
+        with pytest.raises(ConfigError, match=r"ray") as err:
+            load_config(None, sets)
+        assert words in str(err.value) and "\n" not in str(err.value).strip(), str(err.value)
