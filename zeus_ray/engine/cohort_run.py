@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import ZeusError
 from ..storage.keys import FAILED, OK
 from . import pipeline
 from .progress import Progress
@@ -42,9 +43,12 @@ class SlideRun:
 
 
 class CohortRun:
-    def __init__(self, cfg, shape, store, prompts: dict, keys_of: dict, sources: dict, summary,
-                 progress: bool = True):
+    def __init__(self, cfg, shape, store, prompts: dict | None, keys_of: dict, sources: dict, summary,
+                 progress: bool = True, prompt_set=None):
+        """`prompt_set` (fused shape): slide workers compute the class embeddings and keys themselves;
+        `prompts` (split shape): the driver's class embeddings, for plans and reduces."""
         self.cfg, self.shape, self.store, self.prompts = cfg, shape, store, prompts
+        self.prompt_set = prompt_set
         self.keys_of, self.sources, self.summary = keys_of, sources, summary
         self.adaptive = cfg.tiling.mode == "adaptive"
         self.runs: dict[str, SlideRun] = {}
@@ -59,13 +63,12 @@ class CohortRun:
     def run(self, to_plan: list, to_reduce: list) -> None:
         self.progress.start(len(to_plan) + len(to_reduce))
         try:
-            if self.shape.fused and (to_plan or to_reduce):
-                # Slide workers: every slide, and every reduce from stored embeddings, in one execution.
-                items = ([SlideTask(e.as_dict(), self.keys_of[e.slide_id], self.sources[e.slide_id]) for e in to_plan]
-                         + [self._reduce_job(e.as_dict(), None) for e in to_reduce])
+            if self.prompt_set is not None:
+                # Slide workers: every slide in one execution; each worker sees what is stored.
+                items = [SlideTask(e.as_dict(), self.keys_of[e.slide_id], self.sources[e.slide_id]) for e in to_plan]
                 with pipeline.data_context():
                     self._execute(pipeline.build_slides(items, shape=self.shape, cfg=self.cfg, store=self.store,
-                                                        prompts=self.prompts, workers=self._workers()),
+                                                        prompt_set=self.prompt_set, workers=self._workers()),
                                   len(items), plan=True, pass_no=0)
             else:
                 for e in to_reduce:
@@ -228,8 +231,16 @@ class CohortRun:
         self._submit()
 
     def _on_reduced(self, rec: Reduced) -> None:
-        """Fused shape: a slide worker's whole slide (or a reduce from stored embeddings)."""
+        """Fused shape: a slide worker's whole slide (its stored row if it was complete)."""
+        if rec.fatal:
+            raise ZeusError(rec.fatal)
         s = self.summary
+        s.prompt_key = s.prompt_key or rec.prompt_key or ""
+        if rec.skipped:
+            s.rows.append(rec.row)
+            s.skipped += 1
+            self.progress.slide(rec.row, quiet=True)
+            return
         s.add_timing(rec.timing)
         for p, n in rec.pass_tiles.items():
             s.add_tiles(p, n, rec.node, rec.node)

@@ -31,6 +31,7 @@ from .shape import pool_shape, reduce_only_shape
 from .summary import RunSummary
 
 log = logging.getLogger(__name__)
+PENDING = "pending"   # model and prompt key of keys a slide worker completes (storage/keys.with_model)
 
 
 def run_cohort(cfg, *, progress: bool = True, reprompt: bool = False, recorded: dict | None = None) -> RunSummary:
@@ -106,11 +107,22 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases, record
         log.info("encoder pool: %s", shape.describe())
     if cfg.model.id.startswith("random:"):   # (not imported from random_model: that pulls torch in)
         log.warning("model %s: random weights, masks carry no meaning", cfg.model.id)
+    tkey = tiling_key(cfg)
+    if shape.fused and not stored_only:
+        # Slide workers load the model, compute the class embeddings and complete each slide's keys
+        # themselves (engine/slide_worker.py): the pool starts without waiting for a model here.
+        summary = RunSummary(root=store.root_uri, pool=shape.describe())
+        sources, keys_of = cohort_keys(store, entries, cfg, tkey, PENDING, PENDING)
+        log.info("%d slides: the encoder pool skips what is complete and reduces what is encoded", len(entries))
+        phases["what_is_stored"] = round(time.perf_counter() - t1, 3)
+        t1 = time.perf_counter()
+        CohortRun(cfg, shape, store, None, keys_of, sources, summary, progress, prompt_set=prompt_set).run(entries, [])
+        phases["slides"] = round(time.perf_counter() - t1, 3)
+        return _finish(cfg, store, summary, prompt_set, phases, t0)
     class_matrix, model_key, logit_scale = _text(cfg, shape, prompt_set)
     phases["text"] = round(time.perf_counter() - t1, 3)
     t1 = time.perf_counter()
     pkey = run_key(make_prompt_key(prompt_set, model_key), cfg)
-    tkey = tiling_key(cfg)
     summary = RunSummary(root=store.root_uri, prompt_key=pkey, pool=shape.describe())
     # The slide file's identity is part of its keys: a replaced file is planned and encoded anew.
     sources, keys_of = cohort_keys(store, entries, cfg, tkey, model_key, pkey, stored_only)
@@ -145,6 +157,10 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases, record
     t1 = time.perf_counter()
     CohortRun(cfg, shape, store, prompts, keys_of, sources, summary, progress).run(to_plan, to_reduce)
     phases["slides"] = round(time.perf_counter() - t1, 3)
+    return _finish(cfg, store, summary, prompt_set, phases, t0)
+
+
+def _finish(cfg, store, summary: RunSummary, prompt_set, phases: dict, t0: float) -> RunSummary:
     summary.read_nodes.discard(None)
     summary.count()
     summary.phases = phases

@@ -138,14 +138,14 @@ def _encoder_pool(shape: PoolShape, workers: int, calls_per_actor: int | None = 
     return enc
 
 
-def build_slides(items: list, *, shape: PoolShape, cfg, store, prompts: dict, workers: int):
-    """Fused shape: SlideTask / ReduceJob rows → slide workers (engine/slide_worker.py) → Reduced records."""
+def build_slides(items: list, *, shape: PoolShape, cfg, store, prompt_set, workers: int):
+    """Fused shape: SlideTask rows → slide workers (engine/slide_worker.py) → Reduced records."""
     ds, _ = _items(items)
     # A call is a whole slide: one running and one queued per actor, so the cohort's last slides
     # are not queued behind a busy actor while another is idle.
     return ds.map_batches(SlideWorker, batch_size=1, batch_format="pyarrow",
                           fn_constructor_kwargs={"cfg": cfg, "store": store, "threads": shape.threads,
-                                                 "prompts": prompts},
+                                                 "prompt_set": prompt_set},
                           **_encoder_pool(shape, workers, calls_per_actor=2))
 
 

@@ -42,9 +42,10 @@ class Progress:
             self.bar.set_postfix_str(f"{self.n_tiles} tiles, {rate:.1f} tiles/s", refresh=False)
             self.bar.refresh()
 
-    def slide(self, row: dict) -> None:
+    def slide(self, row: dict, quiet: bool = False) -> None:
+        """A slide is done (`quiet`: it was complete before this run, no line of its own)."""
         self.done += 1
-        if self.enabled:
+        if self.enabled and not quiet:
             if row["status"] == "ok":
                 dice = f", Dice {row['dice']:.3f}" if row.get("dice") is not None else ""
                 log.info("slide %s done: %d tiles, tumour %.2f mm²%s (%d/%d)", row["slide_id"], row["n_tiles"],

@@ -142,6 +142,9 @@ class Reduced:
     node: str | None = None
     tiles_full: int = 0
     tiles_stored: int = 0
+    skipped: bool = False          # complete before this run (its stored row)
+    prompt_key: str | None = None  # the worker's run key (slide workers learn it with the model)
+    fatal: str | None = None       # the worker could not build the encoder: the run stops with this line
 
 
 def status_row(entry: dict, status: str, message: str | None, reason: str | None = None) -> dict:

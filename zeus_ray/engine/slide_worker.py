@@ -7,14 +7,16 @@ on CPU nodes the plan, read and reduce are short and the encoder holds the CPUs,
 process (a plan or reduce task, an object-store copy of tiles) is paid from the encoders' time;
 measured, the chunk stream with plan and reduce tasks ran at about 0.6 of this shape. A slide's
 adaptive passes run back to back here, so an adaptive run is one execution with no pass boundary.
-The cohort's slides come largest file first, so the last calls are the small slides.
+Each worker computes the class embeddings with its own encoder and completes the slide's keys with
+its model key (the driver loads no model and waits for none before the pool starts), then sees
+what is stored: results of the same file → the stored row; full-overlap embeddings → the reduce.
 No ray import here: this runs inside Ray Data's actors.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-from ..storage.keys import FAILED, OK
+from ..storage.keys import FAILED, OK, with_model
 from . import work
 from .records import REC, Reduced, ReduceJob, SlideTask, pack, status_row, unpack
 from .stages import chunks_for, plan_slide
@@ -64,34 +66,54 @@ def reduce_job(entry: dict, source, keys, prompts: dict, cfg, info: dict | None)
 
 
 class SlideWorker:
-    """map_batches callable class on the encoder actor pool (fused shape): holds the frozen encoder;
-    each row is a SlideTask (plan, encode, reduce) or a ReduceJob (stored embeddings, new prompts)."""
+    """map_batches callable class on the encoder actor pool (fused shape): holds the frozen encoder
+    and the class embeddings; each row is a SlideTask whose keys lack the model (SlideWorker.slide)."""
 
-    def __init__(self, cfg, store, threads: int, prompts: dict):
+    def __init__(self, cfg, store, threads: int, prompt_set):
         from ..encoders.registry import load_encoder
         from ..errors import ZeusError
+        from ..prompts import class_embeddings, prompt_key
+        from ..storage.keys import run_key
         from ..storage.store import OutputStore
         work.set_threads(threads)
-        self.cfg, self.prompts, self.store = cfg, prompts, OutputStore(store)
+        self.cfg, self.store = cfg, OutputStore(store)
         self.error = None
         try:
             self.encoder = load_encoder(cfg.model)
-        except ZeusError as e:   # raised on the first call: one line for the user, no restart loop
-            self.encoder, self.error = None, e
+            # Class matrix (C, D) per the paper's Eq. 1: deterministic, so every worker has the same.
+            self.prompts = {"class_matrix": class_embeddings(self.encoder, prompt_set),
+                            "class_names": prompt_set.class_names, "tumour_index": prompt_set.tumour_index,
+                            "logit_scale": float(self.encoder.logit_scale)}
+            self.pkey = run_key(prompt_key(prompt_set, self.encoder.model_key), cfg)
+        except ZeusError as e:   # told on the first call: one line for the user, no restart loop
+            self.encoder, self.error, self.pkey = None, e, None
+
+    def slide(self, task: SlideTask) -> Reduced:
+        """The slide's keys completed with this worker's model, then what is stored decides."""
+        sid = task.entry["slide_id"]
+        keys = with_model(self.store, sid, task.keys, self.encoder.model_key, self.pkey)
+        task = SlideTask(task.entry, keys, task.source)
+        done = self.store.complete(keys.res_dir)
+        if done is not None and done.get("source") == task.source:
+            return Reduced(sid, done, skipped=True)
+        emb = self.store.complete(keys.emb_dir) if self.cfg.tiling.mode == "full" else None
+        if emb is not None and emb.get("source") == task.source:
+            return work.reduce_work(self.store, reduce_job(task.entry, task.source, keys, self.prompts, self.cfg,
+                                                           None))
+        return run_slide(self.encoder, self.store, task, self.cfg, self.prompts)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for cell in batch.column(REC).to_pylist():
-            item = unpack(cell)
-            if isinstance(item, ReduceJob):
-                out.append(work.reduce_work(self.store, item))
+            task = unpack(cell)
+            if self.error is not None:   # the driver stops the run with this one line
+                out.append(Reduced(task.entry["slide_id"], {}, fatal=str(self.error).splitlines()[0]))
                 continue
-            if self.error is not None:
-                raise self.error
             try:
-                out.append(run_slide(self.encoder, self.store, item, self.cfg, self.prompts))
+                rec = self.slide(task)
             except Exception as e:  # noqa: BLE001 - one bad slide never stops the cohort
-                f = work.failure(item.entry["slide_id"], e)
-                out.append(Reduced(item.entry["slide_id"], status_row(item.entry, f["status"], f["message"],
-                                                                      f["reason"])))
+                f = work.failure(task.entry["slide_id"], e)
+                rec = Reduced(task.entry["slide_id"], status_row(task.entry, f["status"], f["message"], f["reason"]))
+            rec.prompt_key = self.pkey
+            out.append(rec)
         return pa.table({REC: pa.array([pack(o) for o in out], pa.binary())})

@@ -76,6 +76,14 @@ def slide_keys(store: OutputStore, slide_id: str, mpp_override, tkey: str, model
                 store.slide_dir(slide_id, "results", skey, pkey))
 
 
+def with_model(store: OutputStore, slide_id: str, keys: Keys, model_key: str, pkey: str) -> Keys:
+    """The same slide's keys (same tiles) for a model and prompt key learnt later: a slide worker
+    completes the keys the driver made before any model was loaded."""
+    return Keys(keys.tiling_key, model_key, pkey, keys.tiles_dir,
+                store.slide_dir(slide_id, "embeddings", keys.tiling_key, safe_component(model_key)),
+                store.slide_dir(slide_id, "results", keys.tiling_key, pkey))
+
+
 def embeddings_marker(keys: Keys, slide_id: str, source: str | None, info: dict) -> dict:
     """What an embeddings unit's marker holds: `source` and `committed_at` let `stored_keys` find
     the newest one of a slide without opening the slide."""
