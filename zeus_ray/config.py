@@ -195,8 +195,8 @@ class RayConfig(_Section):
     encoders_max: int | None = Field(None, gt=0, description="encoder actors the pool grows to at most; default: as many as the cluster can hold, including nodes that join later (one per GPU, or per encoder_cpus CPUs)")
     encoder_cpus: float | None = Field(None, gt=0, description="CPUs per CPU encoder actor (default: 1 per 8 CPUs of the largest node, at least 1)")
     fuse_read_encode: Literal["auto", "on", "off"] = Field("auto", description="auto: CPU encoders read their own tiles (no pixels through the object store) unless reader_resources pins reads elsewhere")
-    chunk_tiles: int = Field(256, gt=0, description="most tiles per encoder job and stored part (a slide's pass is split smaller, down to a batch per worker, so every worker shares it)")
-    max_slides_in_flight: int | None = Field(None, gt=0, description="adaptive mode: slides whose passes run together (their selection state is held by the driver between passes; default 512); full overlap streams every slide in one execution")
+    chunk_tiles: int = Field(256, gt=0, description="most tiles per encoder call and stored part (GPU encoders: a slide's pass is split smaller, down to a batch per actor, so every actor shares it)")
+    max_slides_in_flight: int | None = Field(None, gt=0, description="GPU encoders, adaptive mode: slides whose passes run together (the driver holds their selection state between passes; default 512). CPU encoders run each slide's passes in one worker call")
     reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
     encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")
 
