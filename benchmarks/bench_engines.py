@@ -7,7 +7,7 @@ goes first, plus the plain `multiprocessing` pool of bench_overhead.py (same pla
 encodes, no Ray, no writes). Same encoder (`random:test_vit`), batch, reader, slides. Ratios are
 tiles/s over tiles/s of the same repeat; the table gives each repeat and the median.
 
-    git worktree add /tmp/zeus-baseline 1a84235
+    git worktree add --detach /tmp/zeus-baseline eb195db   # the engine before Ray Data
     .venv/bin/python benchmarks/bench_engines.py --baseline /tmp/zeus-baseline --cohort large --repeat 3 --write
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ from _overhead_cohort import make_overhead_cohort  # noqa: E402
 from _results import machine, replace_section  # noqa: E402
 
 
-def zeus_cli(tree: Path, manifest: Path, out: Path) -> tuple[float, int, int]:
-    """(wall s, tiles written, peak PSS bytes of the whole process tree) of one `zeus run`."""
+def zeus_cli(tree: Path, manifest: Path, out: Path) -> tuple[float, int, int, int]:
+    """(wall s, tiles written, peak PSS bytes of the whole process tree, peak RSS bytes of the
+    driver process) of one `zeus run`."""
     import pyarrow.parquet as pq
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"input.manifest={manifest}", f"output.root={out}", f"model.id={bo.MODEL}",
@@ -42,16 +43,20 @@ def zeus_cli(tree: Path, manifest: Path, out: Path) -> tuple[float, int, int]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
+    peak = driver = 0
     while proc.poll() is None:
         peak = max(peak, bo.tree_pss(proc))
+        try:
+            driver = max(driver, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass
         time.sleep(0.5)
     wall = time.perf_counter() - t0
     log = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"zeus run in {tree} failed ({proc.returncode}):\n{log[-3000:]}")
     table = pq.read_table(next(out.glob("cohort/*/slides.parquet")))
-    return wall, int(sum(table.column("n_tiles").to_pylist())), peak
+    return wall, int(sum(table.column("n_tiles").to_pylist())), peak, driver
 
 
 def pair(name: str, baseline: Path, repeat: int, limit: int | None = None) -> list[str]:
@@ -74,13 +79,14 @@ def pair(name: str, baseline: Path, repeat: int, limit: int | None = None) -> li
         new_pool.append(tps["new"] / (tiles_p / wall_p))
         lines.append(f"| {i + 1} ({order[0][0]} first) | {tiles_p} | {wall_p:.1f} s | {res['old'][0]:.1f} s | "
                      f"{res['new'][0]:.1f} s | **{new_old[-1]:.2f}** | **{new_pool[-1]:.2f}** | "
-                     f"{res['new'][2] / 2**30:.2f} GiB | {res['old'][2] / 2**30:.2f} GiB |")
+                     f"{res['new'][2] / 2**30:.2f} GiB | {res['old'][2] / 2**30:.2f} GiB | "
+                     f"{res['new'][3] / 2**20:.0f} MiB |")
         print(lines[-1], flush=True)
     head = [f"Cohort `{name}`: {n} synthetic 20x slides of {w} × {h} px; encoder `{bo.MODEL}`, batch {bo.BATCH}, "
             f"CPU, direct TIFF reads; plain pool: {os.cpu_count()} processes.", "",
             "| repeat | tiles | plain pool | old engine (zeus run) | Ray Data engine (zeus run) | new ÷ old "
-            "throughput | new ÷ plain pool | new peak PSS | old peak PSS |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "throughput | new ÷ plain pool | new peak PSS | old peak PSS | new driver peak RSS |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     foot = ["", f"Median over {repeat}: new ÷ old **{statistics.median(new_old):.2f}**, new ÷ plain pool "
                 f"**{statistics.median(new_pool):.2f}**.", ""]
     return head + lines + foot
