@@ -39,6 +39,7 @@ from _results import machine, replace_section  # noqa: E402
 COHORTS = {"large": (32, 7200, 5400, FOLDER), "large-128": (128, 7200, 5400, FOLDER),
            "small": (400, 2400, 1800, HERE / "_work" / "overhead-small")}
 MODEL, BATCH, DEVICE = "random:test_vit", 64, "cpu"
+EXTRA_SETS: list = []   # --set KEY=VALUE for zeus run (e.g. ray.fuse_read_encode=off: the GPU shape on CPUs)
 DIRECT = True   # --reader auto: both sides read TIFF tiles directly; openslide: both through OpenSlide
 
 
@@ -190,7 +191,7 @@ def run_cohort_pair(name: str, repeat: int, limit: int | None = None) -> list[st
         # (nor the encoder alone, measured by bench_gpu_encoder.py), so the pool only reads.
         tiles_p, wall_p = plain_pool(rows, procs, encode=DEVICE == "cpu")
         fixed = ray_start_stop()
-        z = zeus(folder / "manifest.csv", HERE / "_work" / f"overhead-out-{name}")
+        z = zeus(folder / "manifest.csv", HERE / "_work" / f"overhead-out-{name}", *EXTRA_SETS)
         assert z["tiles"] == tiles_p, (z["tiles"], tiles_p)
         ratio = (z["tiles"] / z["wall"]) / (tiles_p / wall_p)
         lines.append(f"| {i + 1} | {tiles_p} | {wall_p:.1f} s ({tiles_p / wall_p:.0f} tiles/s) | "
@@ -251,10 +252,13 @@ def main() -> None:
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--out", help="also write the text to this file")
+    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                    help="config for zeus run only, e.g. ray.fuse_read_encode=off (the split shape)")
     ap.add_argument("--reader", choices=["auto", "openslide"], default="auto",
                     help="input.reader for zeus and the same reads in the plain pool")
     a = ap.parse_args()
     DEVICE, MODEL, BATCH, DIRECT = a.device, a.model, a.batch, a.reader == "auto"
+    EXTRA_SETS[:] = a.sets
     if a.one_scale:
         return one_scale(a.one_scale)
     load = open("/proc/loadavg").read().split()[:3]
@@ -262,7 +266,7 @@ def main() -> None:
             f"Machine: {machine()}; load average at start {' '.join(load)}.", ""]
     for name in a.cohort:
         text += [f"Command: `.venv/bin/python benchmarks/bench_overhead.py --cohort {name} --repeat {a.repeat}"
-                 f" --reader {a.reader}` (reads {'straight from the TIFF tiles' if DIRECT else 'through OpenSlide'}"
+                 f" --reader {a.reader}{''.join(' --set ' + x for x in a.sets)}` (reads {'straight from the TIFF tiles' if DIRECT else 'through OpenSlide'}"
                  " on both sides)", ""]
         text += run_cohort_pair(name, a.repeat, a.slides)
     if a.scale:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -64,11 +65,15 @@ def test_readers_and_encoders_on_their_own_nodes(cluster, undisturbed):
     assert summary.encode_nodes == {nodes["encoder"].node_id}
 
 
-def _encoder_pids() -> list[int]:
+def _encoder_pids(node) -> list[int]:
+    """The encoder actors (MapWorker(MapBatches(ChunkEncoder))) of this test's cluster only:
+    children of `node`'s raylet. (Matching the process title alone also SIGKILLed the encode workers of every other Ray on the machine, other
+    test sessions' and users' `zeus run` included: their SYSTEM_ERROR "code 2" worker deaths.)"""
+    raylet = node.all_processes["raylet"][0].process.pid
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "cmdline", "ppid"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "ChunkEncoder" in cmd and "ray::" in cmd:   # Ray Data's MapWorker(MapBatches(ChunkEncoder))
+        if "ChunkEncoder" in cmd and "ray::" in cmd and p.info["ppid"] == raylet:
             pids.append(p.info["pid"])
     return pids
 
@@ -84,7 +89,7 @@ def test_actor_and_node_killed_mid_run(cluster, cohort, undisturbed, tmp_path):
         # encoder is busy with the others: kill it there.
         while time.time() < deadline and not list(out.glob("slides/*/embeddings/*/*/_COMPLETE.json")):
             time.sleep(0.05)
-        for pid in _encoder_pids():
+        for pid in _encoder_pids(nodes["encoder"]):
             os.kill(pid, signal.SIGKILL)
             events.append(("encoder killed", pid))
         while time.time() < deadline and not _results(out):
@@ -105,3 +110,19 @@ def test_actor_and_node_killed_mid_run(cluster, cohort, undisturbed, tmp_path):
         a, b = got[sid][1], ref[sid][1]
         assert a["tile_id"].tolist() == b["tile_id"].tolist()
         np.testing.assert_allclose(a["sim_tumor"], b["sim_tumor"], atol=1e-4)
+
+
+def test_the_kill_spares_encode_workers_of_other_rays(cluster):
+    """A process titled like an encode worker but outside this cluster (another session's Ray, a
+    user's `zeus run`) is never among the processes the mid-run kill targets."""
+    _, nodes = cluster
+    decoy = subprocess.Popen(["bash", "-c", 'exec -a "ray::MapWorker(MapBatches(ChunkEncoder)).submit" sleep 600'])
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and "ray::" not in " ".join(psutil.Process(decoy.pid).cmdline()):
+            time.sleep(0.05)
+        assert "ray::MapWorker(MapBatches(ChunkEncoder))" in " ".join(psutil.Process(decoy.pid).cmdline())
+        assert decoy.pid not in _encoder_pids(nodes["encoder"])
+    finally:
+        decoy.kill()
+        decoy.wait()

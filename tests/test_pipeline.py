@@ -347,3 +347,22 @@ def test_unusable_model_or_cluster_is_one_line(tmp_path):
         errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and want in errors[0], p.stderr[-2000:]
         assert "Traceback" not in p.stderr and "EncodeWorker" not in p.stderr, p.stderr[-2000:]
+
+
+def test_largest_slides_are_sent_first(ray_local, tmp_path):
+    """A slide is one worker's call: the largest files go first, so a cohort does not end on one
+    worker busy with a big slide while the others idle. With one encoder actor the rows come back in
+    the order the slides were sent; the manifest lists them smallest first."""
+    from zeus_ray.demo.synthetic import write_synthetic_slide
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    rows = ["slide_id,uri,annotation_uri,dataset,center,mpp"]
+    for sid, (w, h) in (("small", (1200, 900)), ("mid", (2000, 1500)), ("big", (2800, 2100))):
+        write_synthetic_slide(folder / f"{sid}.svs", w, h, 0.5, seed=3)
+        rows.append(f"{sid},{sid}.svs,,synthetic,A,")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    sizes = {sid: (folder / f"{sid}.svs").stat().st_size for sid in ("small", "mid", "big")}
+    assert sizes["small"] < sizes["mid"] < sizes["big"], sizes
+    summary = run_cohort(job_config(folder / "manifest.csv", tmp_path / "out", "ray.num_encoders=1"), progress=False)
+    assert summary.ok == 3, [r.get("error") for r in summary.rows]
+    assert [r["slide_id"] for r in summary.rows] == ["big", "mid", "small"]

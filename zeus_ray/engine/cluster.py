@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-from ..errors import ConfigError
 from .connect import join
 
 log = logging.getLogger(__name__)

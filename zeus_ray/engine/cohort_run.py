@@ -1,8 +1,10 @@
-"""The driver's side of the stream: runs the Ray Data executions (engine/pipeline.py), counts each
-slide's chunks from its records, starts the slide's reduce (a Ray task) as soon as its last chunk
-is in, and in adaptive overlap selects each slide's next pass between executions.
+"""The driver's side of the stream: runs the Ray Data executions (engine/pipeline.py) and turns
+their records into the run's summary, progress line and slide rows.
 
-Full overlap is one execution over every slide to plan. Adaptive overlap runs in waves of
+Fused shape (CPU encoders): one execution; each record is a slide's result (engine/slide_worker.py).
+Split shape (GPU encoders): counts each slide's chunks from its records, starts the slide's reduce
+(a Ray task) as soon as its last chunk is in, and in adaptive overlap selects each slide's next
+pass between executions. Full overlap is one execution. Adaptive overlap runs in waves of
 `ray.max_slides_in_flight` slides (the driver holds their selection state, PassState, between
 passes); a wave is one execution that plans the slides and encodes their first pass, then one
 execution per later pass over the chunks of the slides that still need one.

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ZeusError
-from ..storage.keys import FAILED, NO_TISSUE, OK, run_key, tiling_key
+from ..storage.keys import FAILED, NO_TISSUE, run_key, tiling_key
 from ..slides.slide_keys import cohort_keys
 from ..cohort_input.manifest import load_cohort
 from ..prompts import load_prompt_set, prompt_key as make_prompt_key
@@ -112,7 +112,11 @@ def _run(cfg, entries, prompt_set, store, t0, progress, reprompt, phases, record
         # Slide workers load the model, compute the class embeddings and complete each slide's keys
         # themselves (engine/slide_worker.py): the pool starts without waiting for a model here.
         summary = RunSummary(root=store.root_uri, pool=shape.describe())
-        sources, keys_of = cohort_keys(store, entries, cfg, tkey, PENDING, PENDING)
+        sizes: dict = {}
+        sources, keys_of = cohort_keys(store, entries, cfg, tkey, PENDING, PENDING, sizes=sizes)
+        # Largest files first: a slide is one worker's call, so the cohort's last calls are its
+        # smallest slides and no worker finishes long after the others.
+        entries = sorted(entries, key=lambda e: -sizes.get(e.slide_id, 0))
         log.info("%d slides: the encoder pool skips what is complete and reduces what is encoded", len(entries))
         phases["what_is_stored"] = round(time.perf_counter() - t1, 3)
         t1 = time.perf_counter()

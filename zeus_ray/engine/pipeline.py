@@ -1,12 +1,14 @@
-"""One Ray Data execution of the cohort job: slides (or a later pass's chunks) stream through
+"""The Ray Data executions of the cohort job (engine/shape.py says which):
 
+fused (CPU encoders): slides → map_batches(SlideWorker) on an autoscaling actor pool, each call a
+whole slide (engine/slide_worker.py) → Reduced records.
+
+split (GPU encoders): slides (or a later pass's chunks) stream through
     plan (CPU tasks, flat_map: Planned record + one row per chunk, each row its own block)
-    → [read (CPU tasks, split shape)]
-    → encode (map_batches, callable class on an autoscaling actor pool; writes the parts)
-    → small records, consumed by the driver as they come (engine/driver.py).
-
-Full overlap is one execution over the slides; adaptive overlap one per pass, the first planning
-the slides, the later ones over the chunks the driver selected (engine/driver.py).
+    → read (CPU tasks)
+    → encode (map_batches, ChunkEncoder on an autoscaling actor pool; writes the parts)
+    → small records, consumed by the driver as they come (engine/cohort_run.py);
+full overlap is one execution, adaptive overlap one per pass over the chunks the driver selected.
 Ray Data is imported when a run starts, never at the package's import (CLI start-up).
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..storage.keys import FAILED, NO_TISSUE, OK
+from ..storage.keys import OK
 
 REC = "rec"   # the one column of every pipeline row
 

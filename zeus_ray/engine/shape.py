@@ -1,16 +1,16 @@
 """The pipeline's shape and resource requests, from the config and the cluster as it is at start.
 
-- fused (CPU encoders, readers not pinned to their own node group): the encoder actors read their
-  own chunks' regions, so tile pixels never leave the process that decodes them (no object-store
-  copies). Plans and reduces are short: they request no CPU (a bounded number at a time), so the
-  encoder actors may hold every CPU, as the worker processes of a plain pool would.
+- fused (CPU encoders, readers not pinned to their own node group): each encoder actor plans,
+  reads, encodes and reduces whole slides (engine/slide_worker.py), so tile pixels never leave the
+  process that decodes them and no other process does work: the actors hold every CPU, as the
+  worker processes of a plain pool would.
 - split (GPU encoders, or `ray.reader_resources` set): plans, region reads and reduces are CPU
   tasks (pinned with `ray.reader_resources`); encoder actors (one GPU each) receive the read tiles
   through the object store, never through the driver.
 
 The encoder pool autoscales between `ray.encoders_min` and `ray.encoders_max` actors (Ray Data's
 ActorPoolStrategy). No maximum (the default) lets it grow with the cluster: its pending actors'
-requests are what a cluster autoscaler sees and adds nodes for (docs/engine.md).
+requests are what a cluster autoscaler sees and adds nodes for (docs/clusters.md).
 """
 from __future__ import annotations
 

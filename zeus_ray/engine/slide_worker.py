@@ -7,6 +7,7 @@ on CPU nodes the plan, read and reduce are short and the encoder holds the CPUs,
 process (a plan or reduce task, an object-store copy of tiles) is paid from the encoders' time;
 measured, the chunk stream with plan and reduce tasks ran at about 0.6 of this shape. A slide's
 adaptive passes run back to back here, so an adaptive run is one execution with no pass boundary.
+The driver sends the largest files first, so the cohort's last calls are its smallest slides.
 Each worker computes the class embeddings with its own encoder and completes the slide's keys with
 its model key (the driver loads no model and waits for none before the pool starts), then sees
 what is stored: results of the same file → the stored row; full-overlap embeddings → the reduce.

@@ -12,7 +12,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import SlideError
-from ..storage.keys import Keys, slide_keys, source_identity, stored_keys
+from ..storage.keys import Keys, slide_keys, source_info, stored_keys
 from ..storage.store import OutputStore
 from .access import open_slide
 from .magnification import resolve_mpp
@@ -38,13 +38,14 @@ def uses_default_mpp(entry, cfg) -> bool:
 
 
 def cohort_keys(store: OutputStore, entries, cfg, tkey: str, model_key: str, pkey: str,
-                stored_only: bool = False) -> tuple[dict, dict[str, Keys]]:
+                stored_only: bool = False, sizes: dict | None = None) -> tuple[dict, dict[str, Keys]]:
     """({slide id: source identity}, {slide id: Keys}) of the cohort's slides (manifest entries).
 
     Each slide file is stat'ed (its identity is in its keys: a replaced file is planned and encoded
     anew); with input.default_mpp the fallback is in the key of the slides that use it only. With
     `stored_only` (re-prompts, ablations) no slide is touched: the newest stored embeddings are used
-    (source None and fresh keys where nothing is stored)."""
+    (source None and fresh keys where nothing is stored). `sizes`, when given, gets each slide's
+    file size from the same stat (slide id → bytes, 0 when unknown)."""
     default = cfg.input.default_mpp
     options = getattr(cfg.input, "storage_options", None)
 
@@ -54,7 +55,9 @@ def cohort_keys(store: OutputStore, entries, cfg, tkey: str, model_key: str, pke
             if found is not None:
                 return found[1], found[0]
             return None, slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey, None)
-        src = source_identity(e.uri, options)
+        src, size = source_info(e.uri, options)
+        if sizes is not None:
+            sizes[e.slide_id] = size
         own = slide_keys(store, e.slide_id, e.mpp, tkey, model_key, pkey, src)
         if default is None or e.mpp is not None or store.complete(own.tiles_dir) is not None:
             return src, own

@@ -109,11 +109,16 @@ def source_identity(uri: str, storage_options: dict | None = None) -> str:
     """Cheap identity of a slide file (size + mtime or ETag), part of its output keys, so that a
     replaced slide is processed again. An unreachable slide gets an identity that never matches
     (a fresh one per call): nothing is reused for it, and it is retried by every run."""
+    return source_info(uri, storage_options)[0]
+
+
+def source_info(uri: str, storage_options: dict | None = None) -> tuple[str, int]:
+    """(source_identity, file size in bytes; 0 when unknown) from one stat."""
     from . import remote   # the input.storage_options rules of every input read
     try:
         fs, path = remote.filesystem(uri, storage_options)
         info = fs.info(path)
     except Exception:  # noqa: BLE001 - any failure: "unknown", retried by the run
-        return f"unavailable-{uuid.uuid4().hex[:12]}"
+        return f"unavailable-{uuid.uuid4().hex[:12]}", 0
     ident = {k: info.get(k) for k in ("size", "ETag", "etag", "mtime", "LastModified", "md5Hash") if info.get(k)}
-    return stable_hash(ident, 16)
+    return stable_hash(ident, 16), int(info.get("size") or 0)
