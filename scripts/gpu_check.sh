@@ -6,6 +6,8 @@
 #    pinned batches, bf16 autocast, batch halving on OOM; bit-exact preprocessing and CPU agreement.
 # 2. The pipeline (`zeus run` code path, GPU encoder actor fed by CPU reader tasks) on the overhead
 #    benchmark's cohort with a near-free encoder, against reading alone on every core.
+# 3. The split shape on CPUs: CPU ms per tile of plan, read, encode (preprocessing + a near-free
+#    model) and write, from which the reader cores a GPU needs follow.
 # Uses the repo's .venv (made with `make venv` when zeus_ray does not import in python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +29,7 @@ timeout 60 "$PY" benchmarks/bench_gpu_encoder.py --model conch --device cuda --t
 echo "== pipeline overhead on the GPU path" | tee -a "$OUT/log.txt"
 timeout 240 "$PY" benchmarks/bench_overhead.py --cohort large --slides 12 --device cuda --batch 256 \
   --out "$OUT/overhead.md" 2>&1 | tee -a "$OUT/log.txt"
-echo "figures in $OUT/: gpu.txt conch.json conch_oom.json overhead.md log.txt"
+echo "== the split shape's CPU cost per tile (reader tasks + encoder actors, near-free encoder on CPU)" | tee -a "$OUT/log.txt"
+timeout 180 "$PY" benchmarks/bench_overhead.py --cohort large --slides 8 --set ray.fuse_read_encode=off \
+  --out "$OUT/split_cpu.md" 2>&1 | tee -a "$OUT/log.txt"
+echo "figures in $OUT/: gpu.txt conch.json conch_oom.json overhead.md split_cpu.md log.txt"
