@@ -202,7 +202,7 @@ def test_cluster_groups_resources_gpus_and_autoscaling(cluster, groups):
     assert enc["requests"]["nvidia.com/gpu"] == enc["limits"]["nvidia.com/gpu"] == 1
     rdr = groups["reader"]["template"]["spec"]["containers"][0]["resources"]
     assert not any("gpu" in k for k in {**rdr["requests"], **rdr["limits"]})
-    # The job picks GPU encoders only if GPUs exist when it starts (zeus_ray.engine.cluster).
+    # The job picks GPU encoders only if GPUs exist when it starts (zeus_ray.engine.shape).
     assert groups["encoder"]["minReplicas"] >= 1
 
 
@@ -244,7 +244,7 @@ def test_configmap_job_config_is_valid_and_matches_the_cluster(job_cfg, groups, 
     assert job_cfg == load_config(INFRA / "job.yaml")
     assert _ray_start_resources(groups["reader"]).keys() == job_cfg.ray.reader_resources.keys()
     assert _ray_start_resources(groups["encoder"]).keys() == job_cfg.ray.encoder_resources.keys()
-    assert job_cfg.ray.num_encoders <= groups["encoder"]["maxReplicas"]
+    assert job_cfg.ray.encoders_max <= groups["encoder"]["maxReplicas"]
     reader_cpus = int(groups["reader"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert job_cfg.ray.num_readers <= reader_cpus * groups["reader"]["maxReplicas"]
     assert _image_path(job_cfg.prompts.file).is_file()
@@ -254,7 +254,7 @@ def test_configmap_job_config_is_valid_and_matches_the_cluster(job_cfg, groups, 
     size = next(v for v in reader_pod["volumes"] if v["name"] == "zeus-cache")["emptyDir"]["sizeLimit"]
     assert job_cfg.cache.max_gb < int(size.removesuffix("Gi"))
     for cfg in launchers.values():
-        assert job_cfg.ray.num_encoders <= cfg["available_node_types"]["encoder"]["max_workers"]
+        assert job_cfg.ray.encoders_max <= cfg["available_node_types"]["encoder"]["max_workers"]
 
 
 def test_a_typo_in_the_configmap_config_is_caught(k8s, tmp_path):

@@ -357,8 +357,8 @@ def test_largest_slides_are_sent_first(ray_local, tmp_path):
     folder = tmp_path / "cohort"
     folder.mkdir()
     rows = ["slide_id,uri,annotation_uri,dataset,center,mpp"]
-    for sid, (w, h) in (("small", (1200, 900)), ("mid", (2000, 1500)), ("big", (2800, 2100))):
-        write_synthetic_slide(folder / f"{sid}.svs", w, h, 0.5, seed=3)
+    for sid, (w, h) in (("small", (2000, 1500)), ("mid", (2400, 1800)), ("big", (3000, 2250))):
+        write_synthetic_slide(folder / f"{sid}.svs", w, h, 0.5, seed=10)
         rows.append(f"{sid},{sid}.svs,,synthetic,A,")
     (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
     sizes = {sid: (folder / f"{sid}.svs").stat().st_size for sid in ("small", "mid", "big")}

@@ -72,6 +72,12 @@ class CohortRun:
                     self._execute(pipeline.build_slides(items, shape=self.shape, cfg=self.cfg, store=self.store,
                                                         prompt_set=self.prompt_set, workers=self._workers()),
                                   len(items), plan=True, pass_no=0)
+                done = {r["slide_id"] for r in self.summary.rows}
+                for e in to_plan:
+                    if e.slide_id not in done:   # its worker died beyond Ray's retries
+                        self._row(status_row(e.as_dict(), FAILED, f"slide {e.slide_id!r}: its worker was lost beyond "
+                                             "Ray's retries (killed for memory? a node removed?); re-run to complete it",
+                                             reason="worker_lost"))
             else:
                 for e in to_reduce:
                     self._queue_reduce(e.as_dict(), None)
@@ -278,7 +284,7 @@ class CohortRun:
                 why = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
                 sid = job.entry["slide_id"]
                 res = Reduced(sid, status_row(job.entry, FAILED, f"slide {sid!r}: reduce failed: {why}",
-                                              "worker_lost"))
+                                              reason="worker_lost"))
             self.summary.add_timing(res.timing)
             self._row(res.row)
         self._submit()

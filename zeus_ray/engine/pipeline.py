@@ -52,6 +52,9 @@ def configure_data_context(progress_bars: bool = False) -> dict:
     # would do the same at the cost of a 1-CPU task per block, which a fused pool holding every
     # CPU never gets (the pipeline would stall).
     ctx.target_max_block_size = 1
+    # A block whose worker died beyond Ray's retries (a slide that kills its worker for memory, say)
+    # fails that slide alone (engine/cohort_run.py gives it a `worker_lost` row), not the execution.
+    ctx.max_errored_blocks = -1
     # A task pool's bound above its inputs' count (a short pass, a small cohort) is no problem.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     for h in logging.getLogger("ray.data").handlers:
@@ -62,7 +65,8 @@ def configure_data_context(progress_bars: bool = False) -> dict:
     return old
 
 
-_SETTINGS = ("enable_progress_bars", "enable_auto_log_stats", "print_on_execution_start", "target_max_block_size")
+_SETTINGS = ("enable_progress_bars", "enable_auto_log_stats", "print_on_execution_start", "target_max_block_size",
+             "max_errored_blocks")
 
 
 def restore_data_context(old: dict) -> None:

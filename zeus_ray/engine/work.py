@@ -245,9 +245,8 @@ def encode_chunks(encoder, store: OutputStore, items: list, class_matrix=None, c
             continue
         mine = keys[:, 0] == k
         if not mine.any():
-            rec.status, rec.reason = FAILED, "error"
-            rec.message = f"slide {chunk.slide_id!r}: no tiles were read for a chunk"
-            out.append(rec)
+            out.append(_failed(rec, {"status": FAILED, "reason": "error",
+                                     "message": f"slide {chunk.slide_id!r}: no tiles were read for a chunk"}))
             continue
         out.append(_write_part(store, chunk, rec, keys[mine, 1], emb[mine], t, class_matrix))
     return out
