@@ -116,3 +116,12 @@ def test_plausibility_keys():
     ref = subprocess.run([sys.executable, "-m", "zeus_ray", "config"], capture_output=True, text=True).stdout
     assert "default_mpp: None  # level-0 µm/px for slides whose metadata gives none or an implausible one" in ref
     assert "max_tiles_per_slide: 500000" in ref and "max_upsampling: 2.0" in ref
+
+
+def test_on_off_switches_read_as_written(tmp_path):
+    """YAML reads a bare on/off as a boolean; ray.fuse_read_encode takes it as the word it was."""
+    assert load_config(None, ["ray.fuse_read_encode=off"]).ray.fuse_read_encode == "off"
+    assert load_config(None, ["ray.fuse_read_encode=on"]).ray.fuse_read_encode == "on"
+    f = tmp_path / "job.yaml"
+    f.write_text("ray:\n  fuse_read_encode: off\n")
+    assert load_config(str(f), []).ray.fuse_read_encode == "off"

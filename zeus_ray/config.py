@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -199,6 +199,12 @@ class RayConfig(_Section):
     max_slides_in_flight: int | None = Field(None, gt=0, description="GPU encoders, adaptive mode: slides whose passes run together (the driver holds their selection state between passes; default 512). CPU encoders run each slide's passes in one worker call")
     reader_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources a reader task needs, e.g. {cpu_pool: 0.01} to pin readers to a node group")
     encoder_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources an encoder actor needs, e.g. {gpu_pool: 0.01}")
+
+    @field_validator("fuse_read_encode", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        # YAML reads a bare on/off as a boolean (`--set ray.fuse_read_encode=off` too): take it as meant.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _pool_bounds(self):
