@@ -24,6 +24,7 @@ from .shape import PoolShape
 from .slide_worker import SlideWorker
 from .stages import ChunkEncoder, plan_stage, read_stage
 
+READ_MEMORY = 256 << 20   # bytes a split-shape reader task requests (a chunk's tiles, about 150 MB at 256 × 448 px)
 MAX_INPUT_BLOCKS = 2000   # slides per plan task = ceil(slides / this): one block per slide up to here
 
 
@@ -170,10 +171,12 @@ def build(items: list, *, plan: bool, shape: PoolShape, cfg, store, class_matrix
                                                 "batch": shape.batch_size},
                          compute=ray.data.TaskPoolStrategy(size=min(shape.task_slots, n_blocks)), **task)
     if not shape.fused:
+        # A reader task's logical memory request (it holds a chunk's decoded regions) also keeps Ray
+        # Data from fusing the reads into the encoder actors, which would take them off the CPU nodes.
         ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"cache_cfg": cfg.cache, "storage_options": cfg.input.storage_options},
                             compute=ray.data.TaskPoolStrategy(size=min(shape.readers_max, n_blocks)) if shape.readers_max else None,
-                            **task)
+                            memory=READ_MEMORY, **task)
     return ds.map_batches(ChunkEncoder, batch_size=1, batch_format="pyarrow",
                           fn_constructor_kwargs={"cfg": cfg, "store_root": store, "threads": shape.threads,
                                                  "class_matrix": class_matrix},
@@ -181,7 +184,9 @@ def build(items: list, *, plan: bool, shape: PoolShape, cfg, store, class_matrix
 
 
 def _initial(shape: PoolShape, workers: int) -> int:
-    if shape.encoder_resources:   # pinned to a node group: the cluster's CPU count says nothing
+    # Pinned to a node group (the cluster's CPU count says nothing), or split (actors started at the
+    # cluster's size would hold the CPUs the plan and read tasks need): Ray Data grows the pool.
+    if shape.encoder_resources or not shape.fused:
         return shape.encoders_min
     hi = shape.encoders_max if shape.encoders_max is not None else workers
     return max(shape.encoders_min, min(workers, hi))
