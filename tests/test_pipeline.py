@@ -77,6 +77,23 @@ def test_full_run_outputs(full_run):
     assert next(out.glob("cohort/*/table1.md")).read_text().count("±") >= 3
 
 
+def test_split_shape_on_cpu_nodes_gives_the_same_results(full_run, cohort, tmp_path):
+    """ray.fuse_read_encode=off on a 2-CPU local Ray: plan and reader tasks beside encoder actors on
+    the same CPUs (the GPU shape). It completes (the pool grows from encoders_min rather than
+    taking every CPU first) with the fused run's tiles, similarities and masks."""
+    ref_out, _ = full_run
+    out = tmp_path / "out"
+    summary = run_cohort(job_config(cohort, out, "ray.fuse_read_encode=off"), progress=False)
+    assert (summary.ok, summary.failed) == (3, 0) and "reader tasks" in summary.pool
+    ref, got = _results(ref_out), _results(out)
+    assert sorted(got) == sorted(ref)
+    for sid in ref:
+        a, b = _sims(got[sid]), _sims(ref[sid])
+        assert a["tile_id"].tolist() == b["tile_id"].tolist()
+        np.testing.assert_allclose(a[["sim_normal", "sim_tumor"]], b[["sim_normal", "sim_tumor"]], atol=1e-4)
+        assert np.array_equal(_mask(got[sid]), _mask(ref[sid])), sid
+
+
 def test_rerun_skips_complete_slides(full_run, cohort):
     out, _ = full_run
     before = {p: p.stat().st_mtime_ns for p in out.glob("slides/**/*") if p.is_file()}
