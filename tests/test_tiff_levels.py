@@ -11,6 +11,7 @@ from shapely.geometry import Point, box
 
 from zeus_ray.config import JobConfig, TissueConfig
 from zeus_ray.engine import work
+from zeus_ray.engine.records import Chunk
 from zeus_ray.errors import SlideError
 from zeus_ray.slides.magnification import choose_level
 from zeus_ray.slides.region_reader import plan_regions, read_region_tiles, region_rgb
@@ -132,8 +133,9 @@ def test_engine_reads_follow_input_reader(pyramid):
     out = {}
     for direct in (True, False):
         work._HANDLES.clear()
-        job = {"uri": str(pyramid), "slide_id": "s", "grid": g, "regions": regions, "direct_tiff": direct}
-        out[direct] = list(work.read_regions(job, cfg.cache))
+        chunk = Chunk(slide_id="s", uri=str(pyramid), grid=g, pass_no=1, emb_dir="", tiling_key="", model_key="",
+                      dtype="float16", direct_tiff=direct, regions=regions, want_scores=False)
+        out[direct] = list(work.read_regions(chunk, cfg.cache))
         assert (work._HANDLES[str(pyramid)][1] is not None) is direct
     work._HANDLES.clear()
     for (ia, a), (ib, b) in zip(out[True], out[False]):
