@@ -34,3 +34,15 @@ def job_config(manifest, out, *more_sets: str, cache=None):
 def completed_results(root: Path) -> dict[str, Path]:
     """slide_id → its complete result folder (one prompt key) under an output root."""
     return {p.parents[3].name: p.parent for p in Path(root).glob("slides/*/results/*/*/_COMPLETE.json")}
+
+
+def mask_and_similarities(root: Path) -> dict:
+    """slide_id → (mask array, similarities table sorted by tile_id) of each complete result."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+    out = {}
+    for sid, d in completed_results(root).items():
+        sims = pq.read_table(d / "similarities.parquet").to_pandas().sort_values("tile_id")
+        out[sid] = (np.array(Image.open(next(d.glob("mask_*mpp.png")))), sims)
+    return out

@@ -7,15 +7,14 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from _cohort import completed_results as _results
+from _cohort import job_config, make_cohort
+from _cohort import mask_and_similarities as _outputs
 
-from _cohort import completed_results as _results, job_config, make_cohort
 from zeus_ray.engine.driver import run_cohort
 
 PIN = ["ray.reader_resources={reader: 0.01}", "ray.encoder_resources={encoder: 0.01}", "ray.num_readers=2"]
@@ -41,13 +40,6 @@ def cluster():
 def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("cohort"), n=4)
 
-
-def _outputs(root: Path) -> dict:
-    out = {}
-    for sid, d in _results(root).items():
-        sims = pq.read_table(d / "similarities.parquet").to_pandas().sort_values("tile_id")
-        out[sid] = (np.array(Image.open(next(d.glob("mask_*mpp.png")))), sims)
-    return out
 
 
 @pytest.fixture(scope="module")

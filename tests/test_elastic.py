@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from _cohort import job_config, make_cohort
+from _cohort import mask_and_similarities as _outputs
 
-from _cohort import completed_results as _results, job_config, make_cohort
 from zeus_ray.engine.driver import run_cohort
 
 # Small chunks: many encoder calls, spread over the actors.
@@ -27,17 +26,14 @@ def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("cohort"), n=3)
 
 
-def _outputs(root: Path) -> dict:
-    out = {}
-    for sid, d in _results(root).items():
-        sims = pq.read_table(d / "similarities.parquet").to_pandas().sort_values("tile_id")
-        out[sid] = (np.array(Image.open(next(d.glob("mask_*mpp.png")))), sims)
-    return out
+
+def _first_part(out: Path):
+    return lambda: bool(list(out.glob("slides/*/embeddings/*/*/pass-*.parquet")))
 
 
-def _run_and(out: Path, cfg, action):
-    """Run the cohort in a thread; once its first embedding part is written, `action()` here (a
-    Cluster adds and removes nodes from the main thread only). Returns (summary, action's result)."""
+def _run_and(cfg, ready, action):
+    """Run the cohort in a thread; once `ready()`, `action()` here (a Cluster adds and removes nodes
+    from the main thread only). Returns (summary, action's result)."""
     result: dict = {}
 
     def job():
@@ -48,9 +44,9 @@ def _run_and(out: Path, cfg, action):
     t = threading.Thread(target=job, daemon=True)
     t.start()
     deadline = time.time() + 600
-    while time.time() < deadline and t.is_alive() and not list(out.glob("slides/*/embeddings/*/*/pass-*.parquet")):
+    while time.time() < deadline and t.is_alive() and not ready():
         time.sleep(0.05)
-    assert t.is_alive(), "the run ended before its first part was seen"
+    assert t.is_alive(), "the run ended before it was ready for the action"
     done = action()
     t.join(900)
     if "error" in result:
@@ -71,11 +67,17 @@ def cluster():
 
 
 def test_a_node_that_joins_gets_encoders_and_tiles(cluster, tmp_path):
-    cohort = make_cohort(tmp_path / "cohort", n=6)
+    import ray
+    cohort = make_cohort(tmp_path / "cohort", n=8)
     out = tmp_path / "out"
     head = cluster.head_node.node_id
-    summary, joined = _run_and(out, job_config(cohort, out, *SLOW), lambda: cluster.add_node(num_cpus=1).node_id)
-    assert summary.ok == 6 and summary.failed == 0
+    # The node joins once the pool's first actor holds the head's one CPU (the pool's size is set).
+    # Ray Data sees a new node within its autoscaling coordinator's 20 s poll, and the new actor
+    # needs seconds more to build its model: eight ViT-B slides outlast both on a loaded machine.
+    pool_placed = lambda: ray.available_resources().get("CPU", 0) < 1
+    summary, joined = _run_and(job_config(cohort, out, *SLOW), pool_placed,
+                               lambda: cluster.add_node(num_cpus=1).node_id)
+    assert summary.ok == 8 and summary.failed == 0
     # The pool started on the head alone (one CPU: one encoder actor) and grew onto the new node.
     assert summary.encode_nodes == {head, joined}, (summary.encode_nodes, head, joined)
 
@@ -93,7 +95,7 @@ def test_a_node_lost_mid_run_loses_nothing(cluster, cohort, tmp_path):
     def preempt():   # a node goes, a replacement comes (what a spot group does)
         cluster.add_node(num_cpus=1)
         cluster.remove_node(b, allow_graceful=False)
-    summary, _ = _run_and(out, job_config(cohort, out, *SMALL), preempt)
+    summary, _ = _run_and(job_config(cohort, out, *SMALL), _first_part(out), preempt)
     assert b not in cluster.worker_nodes and not b.any_processes_alive()   # killed mid-run
     assert summary.ok == 3 and summary.failed == 0, [r.get("error") for r in summary.rows]
     got, want = _outputs(out), _outputs(ref_out)
