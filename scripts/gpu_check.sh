@@ -8,6 +8,8 @@
 #    benchmark's cohort with a near-free encoder, against reading alone on every core.
 # 3. The split shape on CPUs: CPU ms per tile of plan, read, encode (preprocessing + a near-free
 #    model) and write, from which the reader cores a GPU needs follow.
+# 4. Preprocessing per core, and PIL's resize as torch ops on the GPU (model.resize_on: device, the
+#    default there): its time per tile, and that it equals PIL's pixels.
 # Uses the repo's .venv (made with `make venv` when zeus_ray does not import in python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,9 @@ echo "== pipeline overhead on the GPU path" | tee -a "$OUT/log.txt"
 timeout 240 "$PY" benchmarks/bench_overhead.py --cohort large --slides 12 --device cuda --batch 256 \
   --out "$OUT/overhead.md" 2>&1 | tee -a "$OUT/log.txt"
 echo "== the split shape's CPU cost per tile (reader tasks + encoder actors, near-free encoder on CPU)" | tee -a "$OUT/log.txt"
-timeout 120 "$PY" benchmarks/bench_overhead.py --cohort large --slides 4 --set ray.fuse_read_encode=off \
+timeout 100 "$PY" benchmarks/bench_overhead.py --cohort large --slides 4 --set ray.fuse_read_encode=off \
   --out "$OUT/split_cpu.md" 2>&1 | tee -a "$OUT/log.txt"
-echo "figures in $OUT/: gpu.txt conch.json conch_oom.json overhead.md split_cpu.md log.txt"
+echo "== preprocessing per core; PIL's resize on the GPU" | tee -a "$OUT/log.txt"
+timeout 30 "$PY" benchmarks/bench_preprocess.py --slides 1 --device cuda > "$OUT/preprocess.md" 2>&1
+tail -n 12 "$OUT/preprocess.md" | tee -a "$OUT/log.txt"
+echo "figures in $OUT/: gpu.txt conch.json conch_oom.json overhead.md split_cpu.md preprocess.md log.txt"

@@ -59,6 +59,8 @@ def test_registered_models_match_their_official_transform_bit_for_bit(cmu_tiles,
     if (h, w) == (300, 451):
         assert torch.equal(Preprocessor(spec, threads=1)(tiles), ref)        # with or without the thread pool
         assert torch.equal(Preprocessor(spec, threads=3)(torch.from_numpy(tiles)), ref)   # a CPU tensor too
+    # Resized as tensor ops (what a GPU encoder does by default): the same bits.
+    assert torch.equal(Preprocessor(spec, resize_on_device=True)(tiles), ref)
 
 
 @pytest.mark.parametrize("h,w", [(448, 448), (512, 512), (449, 449), (333, 333)])
@@ -83,6 +85,7 @@ def test_other_resize_and_crop_settings(cmu_tiles, interpolation, resize, crop, 
     ours = Preprocessor(spec)(tiles)
     assert ours.shape == (len(tiles), 3, crop, crop)
     assert torch.equal(ours, ref)
+    assert torch.equal(Preprocessor(spec, resize_on_device=True)(torch.from_numpy(tiles)), ref)
 
 
 def test_tiles_already_at_size_are_not_resampled(cmu_tiles):
@@ -145,3 +148,32 @@ def test_mean_std_names():
     assert mean_std_name(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) == "openai-clip"
     assert mean_std_name(IMAGENET_MEAN, IMAGENET_STD) == "imagenet"
     assert mean_std_name((0.1, 0.2, 0.3), (1, 1, 1)) == "custom"
+
+
+@pytest.mark.parametrize("kind", ["bicubic", "bilinear"])
+def test_tensor_resampling_is_pils_bit_for_bit(cmu_tiles, kind):
+    """encoders/resample.pil_resize against PIL's Image.resize itself: down and up, by odd factors,
+    one side only, on tissue, noise and a full-range ramp (the clamps at 0 and 255)."""
+    from zeus_ray.encoders.resample import pil_resize
+    pil = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[kind]
+    ramp = (np.indices((448, 448)).sum(0) * 37 % 256).astype(np.uint8)
+    base = np.concatenate([cmu_tiles, inputs(cmu_tiles, 448, 448, seed=2)[-2:], np.repeat(ramp[None, ..., None], 3, -1)])
+    for oh, ow in [(224, 224), (256, 342), (336, 224), (448, 97), (500, 613), (31, 17)]:
+        ref = np.stack([np.asarray(Image.fromarray(t).resize((ow, oh), pil)) for t in base])
+        got = pil_resize(torch.from_numpy(base), oh, ow, kind)
+        assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), ref), (oh, ow)
+    with pytest.raises(ValueError, match="lanczos"):
+        pil_resize(torch.from_numpy(base), 224, 224, "lanczos")
+
+
+def test_resize_on_from_the_config_keeps_the_embeddings():
+    """model.resize_on: auto is PIL on a CPU encoder; device gives the same embeddings bit for bit."""
+    from zeus_ray.config import load_config
+    from zeus_ray.encoders.registry import load_encoder
+    tiles = np.random.default_rng(3).integers(0, 256, (4, 448, 448, 3), dtype=np.uint8)
+    out = {}
+    for where in ("auto", "device"):
+        enc = load_encoder(load_config(None, ["model.id=random:test_vit", f"model.resize_on={where}"]).model)
+        assert enc.preprocess.resize_on_device == (where == "device")
+        out[where] = enc.encode_images(tiles)
+    assert np.array_equal(out["auto"], out["device"])

@@ -162,6 +162,9 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="autocast dtype of the encoder; auto: bfloat16 on a GPU that has it (else float16), float32 on CPU; float16 is GPU-only")
     batch_size: int | None = Field(None, gt=0, description="tiles per encoder call; default from the device")
+    resize_on: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="where tiles are resized to the model's input, bit-exact either way: cpu: PIL, on the "
+        "encoder's CPU cores; device: PIL's arithmetic as torch ops on the encode device; auto: device on a GPU, cpu otherwise")
     conch_tokenization: Literal["conch", "zeus-pinned"] = Field(
         "conch", description="CONCH prompts' byte-level BPE: conch: a space before the first word (the tokenizer "
         "file's add_prefix_space, as CONCH was trained and as transformers ≤ 4.47 and ≥ 5 give it); zeus-pinned: "

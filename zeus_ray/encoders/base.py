@@ -105,17 +105,16 @@ class TorchEncoder(Encoder):
                 out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.spec.embed_dim), np.float32)
 
-    def _pinned_slot(self, k: int, n: int):
-        """Reused pinned uint8 host buffer `k` (of 2) with room for `n` input-size tiles, and the CUDA
-        event recorded after its last upload."""
+    def _pinned_slot(self, k: int, n: int, h: int, w: int):
+        """Reused pinned uint8 host buffer `k` (of 2) with room for `n` h × w tiles, and the CUDA event
+        recorded after its last upload."""
         import torch
-        size = self.spec.input_size
         slots = self._pinned
-        if slots[k] is None or slots[k][0].shape[0] < n:
+        if slots[k] is None or slots[k][0].shape[0] < n or slots[k][0].shape[1:3] != (h, w):
             if slots[k] is not None:
                 slots[k][1].synchronize()   # never drop a buffer while its upload is in flight
             cap = max(n, self.batch_size)
-            slots[k] = (torch.empty((cap, size, size, 3), dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+            slots[k] = (torch.empty((cap, h, w, 3), dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
         return slots[k]
 
     def _encode_images_cuda(self, tiles: np.ndarray) -> np.ndarray:
@@ -125,15 +124,25 @@ class TorchEncoder(Encoder):
         out: list = []   # the (N, D) device result, allocated at the first batch
         turn = [0]
 
+        pre = self.preprocess
+        size = self.spec.input_size
+        # Resized on the GPU (bit-exact): the tiles go up as they are, and the CPU only copies them.
+        h, w = tiles.shape[1:3] if pre.resize_on_device else (size, size)
+
         def step(start: int, stop: int) -> None:
             n = stop - start
-            host, uploaded = self._pinned_slot(turn[0] % 2, n)
+            host, uploaded = self._pinned_slot(turn[0] % 2, n, h, w)
             turn[0] += 1
             uploaded.synchronize()   # the GPU has finished reading this buffer's previous batch
-            self.preprocess.resize_crop(tiles[start:stop], out=host.numpy())   # PIL resize on the CPU
+            if pre.resize_on_device:
+                np.copyto(host[:n].numpy(), tiles[start:stop])
+            else:
+                pre.resize_crop(tiles[start:stop], out=host.numpy())   # PIL resize on the CPU
             x = host[:n].to(self.device, non_blocking=True)
             uploaded.record()
-            emb = F.normalize(self._image_fn(self.preprocess.normalise(x)).float(), dim=-1)
+            if pre.resize_on_device:
+                x = pre.resize_crop_tensor(x)
+            emb = F.normalize(self._image_fn(pre.normalise(x)).float(), dim=-1)
             if not out:
                 out.append(torch.empty((len(tiles), emb.shape[1]), dtype=torch.float32, device=self.device))
             out[0][start:stop] = emb

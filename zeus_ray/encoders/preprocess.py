@@ -7,6 +7,8 @@ tiles) are PIL pipelines: torchvision `Resize(size, BICUBIC)` on a PIL image (= 
 - on the CPU (uint8 tiles arrive there): PIL resize per tile, in a small thread pool (PIL releases
   the GIL while resampling), skipped when the shortest side already equals the size (torchvision
   returns the image untouched then), then CenterCrop's offsets `int(round((h - s) / 2.0))`;
+- or, with `resize_on_device` (the default on a GPU: `model.resize_on`), the same resize and crop on
+  the encode device, as PIL's integer arithmetic in torch (encoders/resample.py), same bits;
 - on the encode device: uint8 → float through a 3 × 256 lookup table computed once on the CPU with
   ToTensor's and Normalize's exact float32 ops, so every device gives the same bits.
 One known difference: transformers' CLIPImageProcessor crops at `(h - s) // 2`, which differs from
@@ -76,10 +78,12 @@ class Preprocessor:
     """uint8 (N, H, W, 3) tiles → float32 (N, 3, S, S) normalised tensor on `device`.
 
     `resize_crop` (CPU, uint8) and `normalise` (device) are the two halves; calling the object does
-    both. `threads` caps the PIL resize workers (default: torch's intra-op thread count, which Ray sets
-    from the actor's CPUs; at most 8)."""
+    both, or, with `resize_on_device`, `resize_crop_tensor` (device, uint8) and `normalise`. `threads`
+    caps the PIL resize workers (default: torch's intra-op thread count, which Ray sets from the
+    actor's CPUs; at most 8)."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device | str = "cpu", threads: int | None = None):
+    def __init__(self, spec: ModelSpec, device: torch.device | str = "cpu", threads: int | None = None,
+                 resize_on_device: bool = False):
         if spec.interpolation not in _PIL_FILTER:
             raise ZeusError(f"model {spec.id!r}: interpolation {spec.interpolation!r} is not supported "
                             f"(use one of {sorted(_PIL_FILTER)})")
@@ -88,11 +92,30 @@ class Preprocessor:
         self.threads = max(1, min(8, threads or torch.get_num_threads()))
         self.table = normalise_table(spec.mean, spec.std).to(device)
         self.offsets = (torch.arange(3, dtype=torch.int32) * 256).to(device)
+        self.resize_on_device = resize_on_device
 
     def _check(self, tiles) -> None:
         if tiles.dtype not in (np.uint8, torch.uint8) or tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ZeusError(f"model {self.spec.id!r}: expected uint8 RGB tiles (N, H, W, 3), "
                             f"got {tuple(tiles.shape)} {tiles.dtype}")
+
+    def _geometry(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(resized h, resized w, crop top, crop left) for h × w tiles."""
+        size = self.spec.input_size
+        rh, rw = (h, w) if min(h, w) == self.spec.resize_size else resized_shape(h, w, self.spec.resize_size)
+        if min(rh, rw) < size:
+            raise ZeusError(f"model {self.spec.id!r}: tiles of {h}x{w} px are smaller than the "
+                            f"{size}x{size} crop after resizing")
+        return (rh, rw, *crop_offsets(rh, rw, size))
+
+    def resize_crop_tensor(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tensor (N, H, W, 3) → uint8 (N, S, S, 3) on its own device: the same pixels as
+        `resize_crop` (PIL's resampling as integer tensor ops, encoders/resample.py)."""
+        from .resample import pil_resize
+        self._check(tiles)
+        size = self.spec.input_size
+        rh, rw, top, left = self._geometry(*tiles.shape[1:3])
+        return pil_resize(tiles, rh, rw, self.spec.interpolation)[:, top:top + size, left:left + size]
 
     def resize_crop(self, tiles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (N, H, W, 3) → uint8 (N, S, S, 3): PIL resize + CenterCrop, on the CPU. Writes into
@@ -100,11 +123,7 @@ class Preprocessor:
         self._check(tiles)
         n, h, w, _ = tiles.shape
         size = self.spec.input_size
-        rh, rw = (h, w) if min(h, w) == self.spec.resize_size else resized_shape(h, w, self.spec.resize_size)
-        if min(rh, rw) < size:
-            raise ZeusError(f"model {self.spec.id!r}: tiles of {h}x{w} px are smaller than the "
-                            f"{size}x{size} crop after resizing")
-        top, left = crop_offsets(rh, rw, size)
+        rh, rw, top, left = self._geometry(h, w)
         if (rh, rw) == (h, w):
             view = tiles[:, top:top + size, left:left + size]
             if out is None:
@@ -137,6 +156,9 @@ class Preprocessor:
         return torch.index_select(self.table, 0, idx.view(-1)).view(x.shape).permute(0, 3, 1, 2)
 
     def __call__(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if self.resize_on_device:
+            x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
+            return self.normalise(self.resize_crop_tensor(x.to(self.table.device)))
         if isinstance(tiles, torch.Tensor):
             self._check(tiles)
             tiles = tiles.cpu().numpy()

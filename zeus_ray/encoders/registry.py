@@ -286,6 +286,8 @@ def load_encoder(cfg: ModelConfig, *, tiny: bool = False) -> TorchEncoder:
     else:
         raise ConfigError(f"model.id={cfg.id!r} is not a registered encoder; use one of {', '.join(MODELS)}, "
                           f"open_clip:<name>, hf-clip:<hub id> or random:<timm vit name> (`zeus models` lists them)")
+    # On a GPU the resize costs the node's CPU more than any other step per tile (benchmarks/RESULTS.md).
+    encoder.preprocess.resize_on_device = cfg.resize_on == "device" or (cfg.resize_on == "auto" and device.type == "cuda")
     if device.type == "cpu" and amp_dtype is not None:
         encoder.warmup()
     log.info("loaded %r", encoder)
