@@ -127,3 +127,52 @@ def test_pool_bounds_from_the_config():
         with pytest.raises(ConfigError, match=r"ray") as err:
             load_config(None, sets)
         assert words in str(err.value) and "\n" not in str(err.value).strip(), str(err.value)
+
+
+def _slide_workers_with_a_slide_open(node) -> list:
+    """This cluster's slide worker processes (children of `node`'s raylet) that have a slide open,
+    i.e. are inside a call."""
+    import psutil
+    raylet = node.all_processes["raylet"][0].process.pid
+    busy = []
+    for p in psutil.process_iter(["pid", "cmdline", "ppid"]):
+        if p.info["ppid"] != raylet or "SlideWorker" not in " ".join(p.info["cmdline"] or []):
+            continue
+        try:
+            if any(f.path.endswith(".svs") for f in p.open_files()):
+                busy.append(p)
+        except psutil.Error:
+            pass
+    return busy
+
+
+def test_a_slide_that_keeps_killing_its_worker_is_given_up(cluster, tmp_path):
+    """A call whose worker dies on every try (a slide that runs out of memory, say) is retried
+    CALL_RETRIES times, then its slides get `worker_lost` rows and the run ends; a re-run completes
+    them."""
+    import psutil
+
+    from zeus_ray.engine.pipeline import CALL_RETRIES
+    cohort = make_cohort(tmp_path / "cohort", n=2)
+    out = tmp_path / "out"
+    kills: list[int] = []
+
+    def kill_every_try():
+        deadline = time.time() + 300
+        while time.time() < deadline and len(kills) <= CALL_RETRIES:
+            for p in _slide_workers_with_a_slide_open(cluster.head_node):
+                if p.pid not in kills:
+                    p.kill()
+                    kills.append(p.pid)
+            time.sleep(0.05)
+        return kills
+    summary, _ = _run_and(job_config(cohort, out, "ray.num_encoders=1"), lambda: True, kill_every_try)
+    assert len(kills) == CALL_RETRIES + 1 and not any(psutil.pid_exists(p) for p in kills)
+    rows = {r["slide_id"]: r for r in summary.rows}
+    assert sorted(rows) == ["syn-0", "syn-1"]
+    lost = [r for r in rows.values() if r.get("reason") == "worker_lost"]
+    assert lost and all(r["status"] == "ok" for r in rows.values() if r not in lost)
+    for r in lost:
+        assert "worker was lost" in r["error"] and "\n" not in r["error"]
+    again = run_cohort(job_config(cohort, out, "ray.num_encoders=1"), progress=False)
+    assert again.ok + again.skipped == 2 and again.failed == 0
