@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -67,14 +68,16 @@ class CohortRun:
         try:
             if self.prompt_set is not None:
                 # Slide workers: every slide in one execution; each worker sees what is stored.
-                items = [SlideTask(e.as_dict(), self.keys_of[e.slide_id], self.sources[e.slide_id]) for e in to_plan]
+                run_id = uuid.uuid4().hex[:12]
+                items = [SlideTask(e.as_dict(), self.keys_of[e.slide_id], self.sources[e.slide_id], run_id)
+                         for e in to_plan]
                 with pipeline.data_context():
                     self._execute(pipeline.build_slides(items, shape=self.shape, cfg=self.cfg, store=self.store,
                                                         prompt_set=self.prompt_set, workers=self._workers()),
                                   len(items), plan=True, pass_no=0)
                 done = {r["slide_id"] for r in self.summary.rows}
                 for e in to_plan:
-                    if e.slide_id not in done:   # its worker died beyond Ray's retries
+                    if e.slide_id not in done:   # its block was lost to Ray (a worker's death beyond repair)
                         self._row(status_row(e.as_dict(), FAILED, f"slide {e.slide_id!r}: its worker was lost beyond "
                                              "Ray's retries (killed for memory? a node removed?); re-run to complete it",
                                              reason="worker_lost"))

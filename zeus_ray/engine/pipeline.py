@@ -26,10 +26,6 @@ from .stages import ChunkEncoder, plan_stage, read_stage
 
 READ_MEMORY = 256 << 20   # bytes a split-shape reader task requests (a chunk's tiles, about 150 MB at 256 × 448 px)
 MAX_INPUT_BLOCKS = 2000   # slides per plan task = ceil(slides / this): one block per slide up to here
-# Calls an encoder actor's death may cost before the call's slides are given up (`worker_lost` rows).
-# Ray Data's default retries forever: a slide that kills its worker each time (memory, a decoder
-# crash) would hold the cohort up for ever. Three is beyond what node losses cost one call.
-CALL_RETRIES = 3
 
 
 class _Notices(logging.Filter):
@@ -57,14 +53,12 @@ def configure_data_context(progress_bars: bool = False) -> dict:
     # would do the same at the cost of a 1-CPU task per block, which a fused pool holding every
     # CPU never gets (the pipeline would stall).
     ctx.target_max_block_size = 1
-    # A block whose worker died beyond Ray's retries (a slide that kills its worker for memory, say)
-    # fails that slide alone (engine/cohort_run.py gives it a `worker_lost` row), not the execution.
+    # A block Ray loses beyond repair fails that slide alone (engine/cohort_run.py gives it a
+    # `worker_lost` row), not the execution. (A slide that kills its worker on every try is stopped
+    # by its slide worker: slide_worker.MAX_TRIES.)
     ctx.max_errored_blocks = -1
     # A task pool's bound above its inputs' count (a short pass, a small cohort) is no problem.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
-    # Ray 2.60 has no named map_batches parameter for max_task_retries; its own docs give the extra
-    # keyword (CALL_RETRIES), which it flags as deprecated for Ray 2.64.
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
     for h in logging.getLogger("ray.data").handlers:
         if type(h).__name__ != "SessionFileHandler":   # the console one; ray-data.log keeps everything
             h.setLevel(logging.WARNING)
@@ -144,8 +138,11 @@ def _encoder_pool(shape: PoolShape, workers: int, calls_per_actor: int | None = 
     kw = {"min_size": shape.encoders_min, "max_size": shape.encoders_max, "initial_size": _initial(shape, workers)}
     if calls_per_actor:
         kw["max_tasks_in_flight_per_actor"] = calls_per_actor
-    enc = {"compute": ray.data.ActorPoolStrategy(**kw), "num_cpus": shape.encoder_cpus,
-           "max_restarts": -1, "max_task_retries": CALL_RETRIES}
+    # Ray Data's actors retry a call for ever: one actor death burns several retries while the actor
+    # restarts ("temporarily unavailable"), so a finite count lost slides to a single preemption. A
+    # slide that kills its worker on every try is stopped by its slide worker instead
+    # (slide_worker.MAX_TRIES).
+    enc = {"compute": ray.data.ActorPoolStrategy(**kw), "num_cpus": shape.encoder_cpus}
     if shape.encoder_gpus:
         enc["num_gpus"] = shape.encoder_gpus
     if shape.encoder_resources:

@@ -30,10 +30,12 @@ def unpack(cell) -> object:
 
 @dataclass
 class SlideTask:
-    """A slide to plan: its manifest row, keys and source identity."""
+    """A slide to plan: its manifest row, keys and source identity (+ the run's id: a slide
+    worker counts its tries on the slide within one run)."""
     entry: dict
     keys: object            # storage.keys.Keys
     source: object
+    run_id: str = ""
 
 
 @dataclass

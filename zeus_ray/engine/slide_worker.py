@@ -17,10 +17,17 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from ..errors import ZeusError
 from ..storage.keys import FAILED, OK, with_model
 from . import work
 from .records import REC, Reduced, ReduceJob, SlideTask, pack, status_row, unpack
 from .stages import chunks_for, plan_slide
+
+# Tries a slide gets within one run. Ray restarts a dead actor and retries its call for ever (a
+# node lost mid-slide costs nothing); a slide that kills its worker every time (out of memory, a
+# decoder crash) would hold the cohort up for ever: its slide worker gives it up after this many.
+MAX_TRIES = 3
+TRIES_DIR = "_tries"
 
 
 def run_slide(encoder, store, task: SlideTask, cfg, prompts: dict) -> Reduced:
@@ -72,7 +79,6 @@ class SlideWorker:
 
     def __init__(self, cfg, store, threads: int, prompt_set):
         from ..encoders.registry import load_encoder
-        from ..errors import ZeusError
         from ..prompts import class_embeddings, prompt_key
         from ..storage.keys import run_key
         from ..storage.store import OutputStore
@@ -93,7 +99,7 @@ class SlideWorker:
         """The slide's keys completed with this worker's model, then what is stored decides."""
         sid = task.entry["slide_id"]
         keys = with_model(self.store, sid, task.keys, self.encoder.model_key, self.pkey)
-        task = SlideTask(task.entry, keys, task.source)
+        task = SlideTask(task.entry, keys, task.source, task.run_id)
         done = self.store.complete(keys.res_dir)
         if done is not None and done.get("source") == task.source:
             return Reduced(sid, done, skipped=True)
@@ -101,7 +107,25 @@ class SlideWorker:
         if emb is not None and emb.get("source") == task.source:
             return work.reduce_work(self.store, reduce_job(task.entry, task.source, keys, self.prompts, self.cfg,
                                                            None))
-        return run_slide(self.encoder, self.store, task, self.cfg, self.prompts)
+        tries = self._tries(task)
+        if tries > MAX_TRIES:
+            return Reduced(sid, status_row(task.entry, FAILED, (
+                f"slide {sid!r}: its worker died on each of {MAX_TRIES} tries (out of memory? a decoder crash? "
+                "see the Ray worker logs); re-run to try again, or leave it out of the manifest"), reason="worker_lost"))
+        rec = run_slide(self.encoder, self.store, task, self.cfg, self.prompts)
+        try:   # only a slide whose worker keeps dying keeps its marks
+            self.store.rm(self.store.slide_dir(sid, TRIES_DIR), recursive=True)
+        except (OSError, ZeusError):
+            pass   # marks left behind count only for their own run
+        return rec
+
+    def _tries(self, task: SlideTask) -> int:
+        """Marks this try of the slide in the output store and counts this run's tries so far
+        (a dead worker's try stays marked; Ray's retries of a call that never started do not count)."""
+        import uuid
+        d = self.store.slide_dir(task.entry["slide_id"], TRIES_DIR, task.run_id or "run")
+        self.store.write_bytes(f"{d}/{uuid.uuid4().hex}", b"")
+        return len(self.store.ls(d))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []

@@ -164,8 +164,8 @@ class OutputStore:
     def info(self, path: str) -> dict:
         return self._call("read", path, self.fs.info, path)
 
-    def rm(self, path: str) -> None:
-        return self._call("remove", path, self.fs.rm, path)
+    def rm(self, path: str, recursive: bool = False) -> None:
+        return self._call("remove", path, self.fs.rm, path, recursive=recursive)
 
     def check_reachable(self) -> None:
         """Fail fast, with one line, when the output root's endpoint or credentials do not work
