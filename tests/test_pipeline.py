@@ -81,10 +81,23 @@ def test_split_shape_on_cpu_nodes_gives_the_same_results(full_run, cohort, tmp_p
     """ray.fuse_read_encode=off on a 2-CPU local Ray: plan and reader tasks beside encoder actors on
     the same CPUs (the GPU shape). It completes (the pool grows from encoders_min rather than
     taking every CPU first) with the fused run's tiles, similarities and masks."""
+    import logging
     ref_out, _ = full_run
     out = tmp_path / "out"
-    summary = run_cohort(job_config(cohort, out, "ray.fuse_read_encode=off"), progress=False)
+
+    class Seen(logging.Handler):   # Ray Data's console lines (its issue detector warned on our memory request)
+        lines: list = []
+
+        def emit(self, record):
+            self.lines.append(f"{record.levelname} {record.getMessage()}")
+    seen = Seen(logging.WARNING)
+    logging.getLogger("ray.data").addHandler(seen)
+    try:
+        summary = run_cohort(job_config(cohort, out, "ray.fuse_read_encode=off"), progress=False)
+    finally:
+        logging.getLogger("ray.data").removeHandler(seen)
     assert (summary.ok, summary.failed) == (3, 0) and "reader tasks" in summary.pool
+    assert not seen.lines, seen.lines
     ref, got = _results(ref_out), _results(out)
     assert sorted(got) == sorted(ref)
     for sid in ref:

@@ -24,7 +24,10 @@ from .shape import PoolShape
 from .slide_worker import SlideWorker
 from .stages import ChunkEncoder, plan_stage, read_stage
 
-READ_MEMORY = 256 << 20   # bytes a split-shape reader task requests (a chunk's tiles, about 150 MB at 256 × 448 px)
+# Bytes a split-shape reader task requests: its worker process with our imports and a chunk's regions
+# and tiles (about 150 MB at 256 × 448 px) peaked at 534 MiB; Ray Data warns on the console when a
+# worker uses more than its request.
+READ_MEMORY = 768 << 20
 MAX_INPUT_BLOCKS = 2000   # slides per plan task = ceil(slides / this): one block per slide up to here
 
 
