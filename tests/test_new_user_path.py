@@ -51,3 +51,16 @@ def test_folder_to_table1(tmp_path):
     table2 = pd.read_csv(next((tmp_path / "out").glob("cohort/*/table2.csv")))
     assert sorted(zip(table2["center"], table2["n_slides"])) == [("HCUV", 1), ("HUSC", 2)]
     assert table1["dice_mean"].between(0, 1).all()
+
+
+def test_the_demo_runs_from_any_folder(tmp_path):
+    """`make run`'s command, started elsewhere than the repository (configs/demo.yaml's relative
+    paths once made it look for the manifest in the current folder)."""
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    p = subprocess.run([sys.executable, "-m", "zeus_ray.demo", "--out", str(tmp_path / "demo")], capture_output=True,
+                       text=True, cwd=where, timeout=600, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "3 slides ok" in p.stdout + p.stderr and "Traceback" not in p.stderr and "ERROR" not in p.stderr
+    assert len(list((tmp_path / "demo" / "results").glob("slides/*/results/*/*/_COMPLETE.json"))) == 3
+    assert not list(where.iterdir())   # nothing written where it was started

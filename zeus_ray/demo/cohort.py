@@ -48,21 +48,30 @@ def make_demo_cohort(out: Path, width: int = 6000, height: int = 4500, mpp: floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default=None, help="default: configs/demo.yaml, its paths under the repository")
+    ap.add_argument("--out", default=str(ROOT / "demo_output"), help="the demo's folder (default: demo_output/ "
+                    "in the repository, wherever the demo is started from)")
     args = ap.parse_args(argv)
-    print("zeus_ray demo: generating a synthetic cohort in demo_output/cohort ...", flush=True)
-    make_demo_cohort(ROOT / "demo_output" / "cohort")
+    out = Path(args.out).resolve()
+    run_args = ["run", args.config]
+    if args.config is None:   # configs/demo.yaml's paths, anchored where they belong
+        run_args = ["run", str(ROOT / "configs" / "demo.yaml")]
+        for key, path in (("input.manifest", out / "cohort" / "manifest.csv"), ("output.root", out / "results"),
+                          ("prompts.file", ROOT / "prompts" / "ai4skin-leiomyoma.yaml"), ("cache.dir", out / "cache")):
+            run_args += ["--set", f"{key}={path}"]
+    print(f"zeus_ray demo: generating a synthetic cohort in {out / 'cohort'} ...", flush=True)
+    make_demo_cohort(out / "cohort")
     print("NOTE: the demo uses a built-in RANDOM-WEIGHT encoder (no weights can be downloaded here):\n"
           "      its masks carry no meaning. For real masks run e.g.\n"
           "        zeus run configs/ai4skin-keep.yaml --set input.manifest=YOUR_MANIFEST.csv\n"
           "      (KEEP, MIT licence) or configs/ai4skin-conch.yaml after `huggingface-cli login` and\n"
           "      accepting CONCH's terms on the hub.", flush=True)
     from ..cli import main as zeus
-    rc = zeus(["run", args.config])
-    print(f"outputs: {ROOT / 'demo_output' / 'results'} (slides/<id>/results/... and cohort/<prompt key>/)")
+    rc = zeus(run_args)
+    print(f"outputs: {out / 'results'} (slides/<id>/results/... and cohort/<prompt key>/)")
     if rc == 0:
         print("look at them on the slides, and try other prompts live:\n"
-              f"  zeus studio {Path('demo_output') / 'results'}   (or: python -m zeus_ray studio ...)", flush=True)
+              f"  zeus studio {out / 'results'}   (or: python -m zeus_ray studio ...)", flush=True)
     return rc
 
 
