@@ -58,17 +58,24 @@ def coefficients(in_size: int, out_size: int, kind: str) -> tuple[np.ndarray, np
     return lo, fixed
 
 
+@lru_cache(maxsize=64)
+def _on_device(in_size: int, out_size: int, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input index (taps, out) int64, weight (taps, out) int32) on `device`, uploaded once: small
+    synchronous copies per batch would stall a GPU's overlapped uploads."""
+    lo, fixed = coefficients(in_size, out_size, kind)
+    # A window's end clamps the index; its weight there is 0.
+    idx = np.minimum(lo[None, :] + np.arange(fixed.shape[1])[:, None], in_size - 1)
+    return torch.from_numpy(idx).to(device), torch.from_numpy(np.ascontiguousarray(fixed.T)).to(device)
+
+
 def _pass(x: torch.Tensor, dim: int, out_size: int, kind: str) -> torch.Tensor:
     """One 8-bit pass along `dim` of an int32 tensor (values 0…255)."""
-    in_size = x.shape[dim]
-    lo, fixed = coefficients(in_size, out_size, kind)
+    idx, weight = _on_device(x.shape[dim], out_size, kind, x.device)
     shape = [1] * x.ndim
     shape[dim] = out_size
     acc = None
-    for t in range(fixed.shape[1]):
-        # A window's end clamps the index; its weight there is 0.
-        idx = torch.from_numpy(np.minimum(lo + t, in_size - 1)).to(x.device)
-        term = x.index_select(dim, idx) * torch.from_numpy(fixed[:, t]).to(x.device).view(shape)
+    for t in range(idx.shape[0]):
+        term = x.index_select(dim, idx[t]) * weight[t].view(shape)
         acc = term.add_(1 << (PRECISION_BITS - 1)) if acc is None else acc.add_(term)
     return (acc >> PRECISION_BITS).clamp_(0, 255)
 

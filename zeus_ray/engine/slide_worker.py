@@ -112,12 +112,13 @@ class SlideWorker:
             return Reduced(sid, status_row(task.entry, FAILED, (
                 f"slide {sid!r}: its worker died on each of {MAX_TRIES} tries (out of memory? a decoder crash? "
                 "see the Ray worker logs); re-run to try again, or leave it out of the manifest"), reason="worker_lost"))
-        rec = run_slide(self.encoder, self.store, task, self.cfg, self.prompts)
-        try:   # only a slide whose worker keeps dying keeps its marks
-            self.store.rm(self.store.slide_dir(sid, TRIES_DIR), recursive=True)
-        except (OSError, ZeusError):
-            pass   # marks left behind count only for their own run
-        return rec
+        try:
+            return run_slide(self.encoder, self.store, task, self.cfg, self.prompts)
+        finally:   # the call came back (a row, even a failed one): only a dying worker leaves marks
+            try:
+                self.store.rm(self.store.slide_dir(sid, TRIES_DIR), recursive=True)
+            except (OSError, ZeusError):
+                pass   # marks left behind count only for their own run
 
     def _tries(self, task: SlideTask) -> int:
         """Marks this try of the slide in the output store and counts this run's tries so far
